@@ -1,0 +1,3 @@
+from shdcli.cli import main
+
+main()

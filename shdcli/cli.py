@@ -1,0 +1,94 @@
+"""The `shd` command line: a thin Typer layer over train / heads / evaluate."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from shdcli.errors import ShdError
+
+app = typer.Typer(
+    name="shd",
+    help="Squeezing-Heads Distillation: distil a Hugging Face transformer into a smaller one.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+_DEBUG = False
+
+
+def _offline() -> None:
+    # Nothing may reach a model hub: every model and tokenizer comes from local folders.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
+    global _DEBUG
+    _DEBUG = debug
+    _offline()
+
+
+@app.command()
+def distill(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/).")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a recipe value: section.key=value (repeatable).")
+    ] = None,
+) -> None:
+    """Distil a teacher into a student with SHD + logit KD + task loss."""
+    from shdcli.recipe import load_recipe
+    from shdcli.train import run_distillation
+
+    spec = load_recipe(recipe, set_ or [])
+    metrics = run_distillation(spec, console)
+    console.print(f"[green]student written to[/green] {metrics['student_dir']}")
+    console.print(f"report: {Path(spec.output_dir) / 'report.md'}   metrics: {Path(spec.output_dir) / 'metrics.json'}")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    _offline()
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except ShdError as exc:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {type(exc).__name__}: {exc} (run with --debug for a traceback)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

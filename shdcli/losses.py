@@ -1,0 +1,182 @@
+"""Task and logit losses, and the SHD attention loss over captured layers.
+
+The SHD loss is computed one mapped layer at a time from recorded q/k/v (capture.py):
+  naive: whole [B, H, N, M] maps per layer (the reference; what attention-KD code usually does);
+  lean:  row chunks of c queries; the squeeze's Gram statistics are accumulated over chunks
+         first (they are sums over rows), then each chunk's squeezed target and student map are
+         formed and the student chunk is checkpointed, so backward recomputes it instead of
+         keeping [B, H, N, M] alive. Peak extra memory O(B H c M) instead of O(L B H N M).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from shdcli.capture import LayerRecord
+from shdcli.shd import (
+    apply_weights,
+    attention_kd_rows,
+    attention_maps,
+    attention_scores,
+    default_chunk_rows,
+    loss_scale,
+    solve_weights,
+    squeeze_statistics,
+)
+
+
+# --------------------------------------------------------------------------- task / logit
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy over real tokens. logits [B, N, V], input_ids/attention_mask [B, N]."""
+    labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def logit_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    chunk_tokens: int = 2048,
+) -> torch.Tensor:
+    """T^2 * mean over real tokens of KL(softmax(t / T) || softmax(s / T)).
+
+    logits [B, N, V]; computed in token chunks in float32 so a 262k vocabulary does not
+    materialise several [B N, V] float32 copies at once.
+    """
+    s = student_logits.flatten(0, 1)
+    t = teacher_logits.flatten(0, 1)
+    keep = mask.flatten().bool()
+    s, t = s[keep], t[keep]
+    total = s.new_zeros((), dtype=torch.float32)
+    for start in range(0, s.shape[0], chunk_tokens):
+        log_p_s = torch.log_softmax(s[start:start + chunk_tokens].float() / temperature, dim=-1)
+        log_p_t = torch.log_softmax(t[start:start + chunk_tokens].float() / temperature, dim=-1)
+        total = total + F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+    return temperature**2 * total / max(1, s.shape[0])
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of token states over real tokens: [B, N, D] -> [B, D] (sentence-transformers pooling)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+def embedding_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Encoder task loss: match the teacher's mean-pooled, L2-normalised sentence embedding.
+
+    Same width: 1 - cosine(student, teacher). Different widths have no common space without a
+    projector, so match the in-batch cosine-similarity matrices instead (relational, parameter-free).
+    """
+    s = F.normalize(mean_pool(student_hidden.float(), mask), dim=-1)
+    t = F.normalize(mean_pool(teacher_hidden.float(), mask), dim=-1)
+    if s.shape[-1] == t.shape[-1]:
+        return (1.0 - (s * t).sum(dim=-1)).mean()
+    return F.mse_loss(s @ s.t(), t @ t.t())
+
+
+# --------------------------------------------------------------------------- SHD over layers
+@dataclass
+class ShdLossResult:
+    loss: torch.Tensor  # scalar with grad
+    weights: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # student layer -> Hs x [B, k]
+
+
+def group_features(record: LayerRecord, groups: list[list[int]], bases: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Per-group head features [B, k, M, D'] with X_h = V_h R_h (see shd.group_feature_bases), or
+    V_h alone where the output projection is unknown. With GQA a query head uses its KV group's V."""
+    v = record.values_per_head().float()  # [B, H, M, d]
+    if bases is None:
+        return [v[:, g] for g in groups]
+    return [torch.einsum("bkmd,kde->bkme", v[:, g], basis.to(v.device)) for g, basis in zip(groups, bases)]
+
+
+def _rows(record: LayerRecord, start: int, stop: int, tau: float) -> torch.Tensor:
+    q = record.query[:, :, start:stop]
+    return attention_maps(q, record.keys_per_head(), record.scaling, record.allowed_rows(start, stop), tau)
+
+
+def layer_weights(
+    teacher: LayerRecord,
+    feats: list[torch.Tensor],
+    groups: list[list[int]],
+    mode: str,
+    tau: float,
+    chunk: int,
+    row_mask: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Per-group squeeze weights for one teacher layer, statistics accumulated over row chunks."""
+    n, bsz = teacher.query.shape[2], teacher.query.shape[0]
+    device = teacher.query.device
+    multi = [i for i, g in enumerate(groups) if len(g) > 1]
+    if mode == "mean" or not multi:
+        return [torch.full((bsz, len(g)), 1.0 / len(g), device=device) for g in groups]
+    stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        maps = _rows(teacher, start, stop, tau)  # [B, Ht, c, M]
+        rows = None if row_mask is None else row_mask[:, start:stop]
+        for i in multi:
+            g, b = squeeze_statistics(maps[:, groups[i]], feats[i], rows)
+            stats[i] = (g, b) if i not in stats else (stats[i][0] + g, stats[i][1] + b)
+    return [solve_weights(*stats[i], mode) if i in stats else torch.ones(bsz, 1, device=device)
+            for i in range(len(groups))]
+
+
+def _student_chunk_loss(
+    q: torch.Tensor, k: torch.Tensor, target: torch.Tensor, allowed, row_mask, scaling: float, tau: float, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = attention_scores(q, k, scaling, allowed, tau)  # [B, Hs, c, M]
+    return attention_kd_rows(target, scores, row_mask, kind)
+
+
+def shd_loss(
+    teacher_records: dict[int, LayerRecord],
+    student_records: dict[int, LayerRecord],
+    pairs: list[tuple[int, int]],
+    groups: list[list[list[int]]],
+    bases: dict[int, list[torch.Tensor] | None],
+    row_mask: torch.Tensor | None,
+    alpha: str = "lsq",
+    kind: str = "kl",
+    tau: float = 1.0,
+    impl: str = "lean",
+    chunk_rows: int = 0,
+) -> ShdLossResult:
+    """SHD loss over mapped (student layer, teacher layer) pairs; mean over layers, batch, heads, rows."""
+    total = None
+    count = None
+    weights: dict[int, list[torch.Tensor]] = {}
+    for (s_idx, t_idx), layer_groups in zip(pairs, groups):
+        t_rec, s_rec = teacher_records[t_idx], student_records[s_idx]
+        n = s_rec.query.shape[2]
+        with torch.no_grad():
+            feats = group_features(t_rec, layer_groups, bases.get(t_idx))  # Hs x [B, k, M, D']
+        s_keys = s_rec.keys_per_head()
+        if impl == "naive":
+            chunk = n
+        else:
+            chunk = chunk_rows or default_chunk_rows(s_rec.query.shape[0], t_rec.query.shape[1], t_rec.key.shape[2])
+        with torch.no_grad():
+            w = layer_weights(t_rec, feats, layer_groups, alpha, tau, chunk, row_mask)
+        weights[s_idx] = w
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            with torch.no_grad():
+                target = apply_weights(_rows(t_rec, start, stop, tau), layer_groups, w)  # [B, Hs, c, M]
+            rows = None if row_mask is None else row_mask[:, start:stop]
+            args = (s_rec.query[:, :, start:stop], s_keys, target, s_rec.allowed_rows(start, stop), rows,
+                    s_rec.scaling, tau, kind)
+            if impl == "naive":
+                part, cnt = _student_chunk_loss(*args)
+            else:
+                part, cnt = checkpoint(_student_chunk_loss, *args, use_reentrant=False)
+            total = part if total is None else total + part
+            count = cnt if count is None else count + cnt
+    if total is None:
+        raise ValueError("no mapped layers")
+    return ShdLossResult(loss_scale(kind, tau) * total / count.clamp_min(1.0), weights)

@@ -1,0 +1,96 @@
+"""Which student layer learns from which teacher layer, and which teacher heads each student head squeezes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from rich.table import Table
+
+from shdcli.errors import ShdError
+from shdcli.models import ModelShape
+from shdcli.shd import group_heads
+
+
+def layer_pairs(teacher_layers: int, student_layers: int, spec: str | list) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs.
+
+    auto: student layer i of Ls learns from teacher layer ceil((i + 1) * Lt / Ls) - 1 (uniform,
+          last layers aligned). last: only the final layers. A list: explicit [[s, t], ...].
+    """
+    if student_layers > teacher_layers:
+        raise ShdError(
+            f"student has more layers ({student_layers}) than the teacher ({teacher_layers}); "
+            "give the student at most as many layers"
+        )
+    if spec == "auto":
+        return [(i, math.ceil((i + 1) * teacher_layers / student_layers) - 1) for i in range(student_layers)]
+    if spec == "last":
+        return [(student_layers - 1, teacher_layers - 1)]
+    pairs = []
+    for item in spec:
+        s, t = int(item[0]), int(item[1])
+        if not 0 <= s < student_layers or not 0 <= t < teacher_layers:
+            raise ShdError(
+                f"distill.layers: pair [{s}, {t}] is out of range (student layers 0..{student_layers - 1}, "
+                f"teacher layers 0..{teacher_layers - 1})"
+            )
+        pairs.append((s, t))
+    if len({s for s, _ in pairs}) != len(pairs):
+        raise ShdError("distill.layers: a student layer appears twice; give each student layer one teacher layer")
+    return pairs
+
+
+@dataclass
+class Plan:
+    """The distillation plan: mapped layer pairs and, for each pair, the head groups."""
+
+    teacher: ModelShape
+    student: ModelShape
+    pairs: list[tuple[int, int]]
+    groups: list[list[list[int]]]  # groups[i][j]: teacher heads squeezed into student head j of pair i
+    grouping: str
+    representatives: list[list[int]] = field(default_factory=list)  # teacher head a student head starts from
+
+    def to_dict(self) -> dict:
+        return {
+            "teacher": asdict(self.teacher),
+            "student": asdict(self.student),
+            "layers": [list(p) for p in self.pairs],
+            "groups": self.groups,
+            "grouping": self.grouping,
+            "representatives": self.representatives,
+        }
+
+
+def make_plan(teacher: ModelShape, student: ModelShape, layers_spec, grouping: str) -> Plan:
+    if student.heads > teacher.heads:
+        raise ShdError(
+            f"student has more heads ({student.heads}) than the teacher ({teacher.heads}); SHD squeezes "
+            "teacher heads, so set student heads <= teacher heads"
+        )
+    pairs = layer_pairs(teacher.layers, student.layers, layers_spec)
+    # `calibrated` starts from balanced groups; the calibration step replaces them per layer.
+    base = group_heads(teacher.heads, student.heads, "pairs" if grouping == "pairs" else "balanced")
+    groups = [[list(g) for g in base] for _ in pairs]
+    reps = [[g[0] for g in base] for _ in pairs]
+    return Plan(teacher, student, pairs, groups, grouping, reps)
+
+
+def format_groups(groups: list[list[int]]) -> str:
+    return " ".join("{" + ",".join(str(h) for h in g) + "}" for g in groups)
+
+
+def plan_table(plan: Plan) -> Table:
+    t, s = plan.teacher, plan.student
+    table = Table(
+        title=f"SHD plan: teacher {t.layers}L x {t.heads}H (kv {t.kv_heads}) -> "
+        f"student {s.layers}L x {s.heads}H (kv {s.kv_heads}), grouping {plan.grouping}",
+        title_justify="left",
+    )
+    table.add_column("student layer", justify="right")
+    table.add_column("teacher layer", justify="right")
+    table.add_column("student head j <- teacher heads")
+    for (si, ti), groups in zip(plan.pairs, plan.groups):
+        table.add_row(str(si), str(ti), "  ".join(f"{j}<-{format_groups([g])}" for j, g in enumerate(groups)))
+    return table

@@ -1,0 +1,433 @@
+"""Load teachers, derive students, save them: everything that knows about model families.
+
+Sources a recipe may name (all offline):
+  - an HF folder (config.json + model.safetensors + tokenizer files);
+  - a GGUF file, de-quantised once and cached as a safetensors HF folder under SHD_CACHE;
+  - `pkg://package/sub/path`: a folder or GGUF file shipped inside an installed Python package.
+
+Family knowledge is kept to one table of attention parameter names (Llama-style q/k/v/o_proj,
+BERT/ViT query/key/value + attention.output.dense, GPT-2 fused c_attn/c_proj).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shdcli.errors import ShdError
+
+CAUSAL_LM = "causal-lm"
+ENCODER = "encoder"
+
+
+def cache_dir() -> Path:
+    """Where converted models and tokenised data are cached (SHD_CACHE, default ~/.cache/shd)."""
+    return Path(os.environ.get("SHD_CACHE", Path.home() / ".cache" / "shd"))
+
+
+# --------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers SHD needs from a config, whatever the family calls them."""
+
+    model_type: str
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int | None
+    vocab: int | None
+    max_positions: int | None
+
+
+def _first_attr(config, *names, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def model_shape(config) -> ModelShape:
+    config = getattr(config, "text_config", None) or config
+    layers = _first_attr(config, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _first_attr(config, "num_attention_heads", "n_head", "num_heads")
+    hidden = _first_attr(config, "hidden_size", "n_embd", "d_model")
+    if layers is None or heads is None or hidden is None:
+        raise ShdError(f"model type {config.model_type!r}: cannot find its layer, head or width counts in config.json")
+    kv_heads = _first_attr(config, "num_key_value_heads", default=heads) or heads
+    head_dim = _first_attr(config, "head_dim", default=hidden // heads)
+    intermediate = _first_attr(config, "intermediate_size", "n_inner")
+    if intermediate is None and config.model_type == "gpt2":
+        intermediate = 4 * hidden
+    return ModelShape(
+        model_type=config.model_type,
+        layers=int(layers),
+        heads=int(heads),
+        kv_heads=int(kv_heads),
+        head_dim=int(head_dim),
+        hidden=int(hidden),
+        intermediate=int(intermediate) if intermediate else None,
+        vocab=_first_attr(config, "vocab_size"),
+        max_positions=_first_attr(config, "max_position_embeddings", "n_positions"),
+    )
+
+
+def task_of(config) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        return CAUSAL_LM
+    if not archs and getattr(config, "model_type", "") in {"gpt2", "llama", "mistral", "qwen2", "gemma3_text", "phi3"}:
+        return CAUSAL_LM
+    return ENCODER
+
+
+# --------------------------------------------------------------------------- sources
+def resolve_source(spec: str, field: str) -> Path:
+    """Turn a recipe's model reference into a local HF folder (converting GGUF once)."""
+    path = _resolve_pkg(spec, field) if spec.startswith("pkg://") else Path(spec).expanduser()
+    if not path.exists():
+        raise ShdError(f"{field}: {spec} does not exist; give an HF folder, a .gguf file or pkg://package/path")
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, field)
+    if path.is_file():
+        raise ShdError(f"{field}: {spec} is a file; give an HF model folder (with config.json) or a .gguf file")
+    if not (path / "config.json").exists():
+        raise ShdError(f"{field}: {spec} has no config.json; point it at a Hugging Face model folder")
+    return path
+
+
+def _resolve_pkg(spec: str, field: str) -> Path:
+    rest = spec.removeprefix("pkg://")
+    package, _, sub = rest.partition("/")
+    try:
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        raise ShdError(f"{field}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
+    return Path(list(found.submodule_search_locations)[0]) / sub
+
+
+def convert_gguf(path: Path, field: str) -> Path:
+    """De-quantise a GGUF file to a float32 safetensors HF folder, once (cached by path, size, mtime)."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    try:
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise ShdError(f"{field}: {path.name} is a GGUF file; install the extra: pip install 'shd[gguf]'") from exc
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # A GGUF-loaded model refuses save_pretrained until its quantizer is detached (weights are float already).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(
+    folder: Path,
+    field: str,
+    task: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, object | None, str]:
+    """Load (model, tokenizer or None, task) from an HF folder; safetensors only unless allow_pickle."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    has_safetensors = any(folder.glob("*.safetensors"))
+    has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise ShdError(
+            f"{field}: {folder} holds only pickled weights (.bin/.pt), which can run code when loaded; "
+            "convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, json.JSONDecodeError) as exc:
+        raise ShdError(f"{field}: cannot read {folder}/config.json ({str(exc).splitlines()[0]})") from exc
+    task = task or task_of(config)
+    cls = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
+    try:
+        model = cls.from_pretrained(
+            folder, dtype=torch.float32, use_safetensors=has_safetensors or not allow_pickle,
+            trust_remote_code=trust_remote_code,
+        )
+    except (ValueError, OSError) as exc:
+        raise ShdError(f"{field}: cannot load the model in {folder} ({str(exc).splitlines()[0]})") from exc
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (ValueError, OSError, TypeError):
+        tokenizer = None
+    return model, tokenizer, task
+
+
+# --------------------------------------------------------------------------- family table
+@dataclass
+class AttentionParams:
+    """The attention projections of one layer. fused_qkv: GPT-2's Conv1D c_attn ([D, 3D], x @ W)."""
+
+    q: nn.Module | None
+    k: nn.Module | None
+    v: nn.Module | None
+    o: nn.Module
+    fused_qkv: nn.Module | None = None
+    o_is_conv1d: bool = False
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer blocks (the longest ModuleList of blocks)."""
+    n = model_shape(model.config).layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and n > 0:
+            return module
+    raise ShdError(f"cannot find the {n} transformer blocks of a {type(model).__name__}")
+
+
+_O_PATTERN = re.compile(r"(^|\.)(o_proj|out_proj|c_proj|attention\.output\.dense|attention\.dense)$")
+
+
+def attention_params(layer: nn.Module) -> AttentionParams:
+    named = dict(layer.named_modules())
+
+    def find(*suffixes: str) -> nn.Module | None:
+        for name, mod in named.items():
+            last = name.rsplit(".", 1)[-1]
+            if last in suffixes and "cross" not in name and "mlp" not in name:
+                return mod
+        return None
+
+    fused = find("c_attn")
+    o = next(
+        (m for n, m in named.items() if _O_PATTERN.search(n) and "mlp" not in n and "cross" not in n), None
+    )
+    if o is None:
+        raise ShdError(f"cannot find the attention output projection in {type(layer).__name__}")
+    if fused is not None:
+        return AttentionParams(None, None, None, o, fused_qkv=fused, o_is_conv1d=True)
+    q, k, v = find("q_proj", "query"), find("k_proj", "key"), find("v_proj", "value")
+    if q is None or k is None or v is None:
+        raise ShdError(f"cannot find the q/k/v projections in {type(layer).__name__}")
+    return AttentionParams(q, k, v, o)
+
+
+def output_projection(model: nn.Module, layer: int) -> torch.Tensor:
+    """W_O of a layer in x @ W orientation: [H * d, D]; rows h*d:(h+1)*d read head h."""
+    params = attention_params(decoder_layers(model)[layer])
+    weight = params.o.weight
+    return weight if params.o_is_conv1d else weight.t()
+
+
+# --------------------------------------------------------------------------- deriving a student
+def derive_student_config(teacher_config, layer_pairs: list[tuple[int, int]], heads: int, kv_heads: int | None,
+                          hidden: int | None, intermediate: int | None):
+    """A copy of the teacher's config with fewer layers / heads / width."""
+    shape = model_shape(teacher_config)
+    config = teacher_config.__class__.from_dict(teacher_config.to_dict())
+    config.num_hidden_layers = len(layer_pairs)
+    config.num_attention_heads = heads
+    if hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = kv_heads or default_kv_heads(shape, heads)
+    if hidden is not None:
+        config.hidden_size = hidden
+    if intermediate is not None:
+        if shape.model_type == "gpt2":
+            config.n_inner = intermediate
+        else:
+            config.intermediate_size = intermediate
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == shape.layers:
+        config.layer_types = [layer_types[t] for _, t in layer_pairs]
+    if getattr(teacher_config, "head_dim", None) is None:
+        width = config.hidden_size
+        if width % heads:
+            raise ShdError(
+                f"student.from_teacher: hidden size {width} is not divisible by {heads} heads "
+                "(set student.from_teacher.hidden_size to a multiple of heads)"
+            )
+    config.architectures = teacher_config.architectures
+    return config
+
+
+def default_kv_heads(shape: ModelShape, heads: int) -> int:
+    """Keep the teacher's query/key-value ratio, rounded down to a divisor of the head count."""
+    kv = max(1, heads * shape.kv_heads // shape.heads)
+    while heads % kv:
+        kv -= 1
+    return kv
+
+
+def _head_rows(groups: list[list[int]], reps: list[int], t_dim: int, s_dim: int) -> torch.Tensor:
+    """Teacher row index for each student row along a [heads * head_dim] axis (-1: keep student init).
+
+    Student head j reads its group's heads, representative first, concatenated, cut to s_dim: for
+    equal head dims that is the representative's slice; for BERT/GPT-2 (head_dim = width / heads)
+    a student head of k teacher heads' width starts as their concatenation.
+    """
+    index = []
+    for group, rep in zip(groups, reps):
+        order = [rep] + [h for h in group if h != rep]
+        rows = [h * t_dim + i for h in order for i in range(t_dim)][:s_dim]
+        index.extend(rows + [-1] * (s_dim - len(rows)))
+    return torch.tensor(index, dtype=torch.long)
+
+
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor, index: torch.Tensor | None, dim: int) -> None:
+    """dst <- src in place: along `dim`, dst row i takes src row index[i] (skipped where -1); every
+    other dim (and `dim` too when index is None) copies the leading overlap of the two shapes."""
+    if index is None:
+        region = tuple(slice(0, min(a, b)) for a, b in zip(dst.shape, src.shape))
+        dst[region] = src[region]
+        return
+    keep = (index >= 0).nonzero().squeeze(-1)
+    picked = src.index_select(dim, index[keep])
+    view = dst
+    for d in range(dst.dim()):
+        if d != dim:
+            n = min(dst.shape[d], picked.shape[d])
+            view, picked = view.narrow(d, 0, n), picked.narrow(d, 0, n)
+    view.index_copy_(dim, keep, picked)
+
+
+def init_student_from_teacher(
+    student: nn.Module,
+    teacher: nn.Module,
+    layer_pairs: list[tuple[int, int]],
+    groups: list[list[list[int]]],
+    representatives: list[list[int]] | None = None,
+) -> None:
+    """Copy embeddings, mapped layers and, per student head, its group's q/k/v/o slices.
+
+    groups[i] / representatives[i]: the head groups and the representative teacher head of each
+    group for student layer i (default: the first head of each group).
+    """
+    t_shape, s_shape = model_shape(teacher.config), model_shape(student.config)
+    t_layers, s_layers = decoder_layers(teacher), decoder_layers(student)
+    t_prefix = _module_name(teacher, t_layers)
+    s_prefix = _module_name(student, s_layers)
+    t_state = teacher.state_dict()
+    handled: set[str] = set()
+    with torch.no_grad():
+        for i, (s_idx, t_idx) in enumerate(layer_pairs):
+            reps = representatives[i] if representatives else [g[0] for g in groups[i]]
+            handled |= _init_attention(
+                s_layers[s_idx], t_layers[t_idx], groups[i], reps, t_shape, s_shape, f"{s_prefix}.{s_idx}."
+            )
+        layer_of = {s: t for s, t in layer_pairs}
+        pattern = re.compile(rf"^{re.escape(s_prefix)}\.(\d+)\.")
+        for name, param in student.state_dict().items():
+            if name in handled:
+                continue
+            src_name = name
+            match = pattern.match(name)
+            if match:
+                src_name = f"{t_prefix}.{layer_of[int(match.group(1))]}." + name[match.end():]
+            if src_name in t_state:
+                _copy_rows(param, t_state[src_name], None, 0)
+
+
+def _module_name(model: nn.Module, target: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise ShdError("internal: module not found")
+
+
+def _init_attention(s_layer, t_layer, groups, reps, t_shape: ModelShape, s_shape: ModelShape, prefix: str) -> set[str]:
+    s_params, t_params = attention_params(s_layer), attention_params(t_layer)
+    t_dim, s_dim = t_shape.head_dim, s_shape.head_dim
+    q_index = _head_rows(groups, reps, t_dim, s_dim)
+    # Student key/value head m serves query heads m*r .. (m+1)*r-1; it starts from the teacher
+    # key/value head of the first of those heads' representatives.
+    s_rep, t_rep = s_shape.heads // s_shape.kv_heads, t_shape.heads // t_shape.kv_heads
+    kv_groups = [[reps[m * s_rep] // t_rep] for m in range(s_shape.kv_heads)]
+    kv_index = _head_rows(kv_groups, [g[0] for g in kv_groups], t_dim, s_dim)
+    names = {n: p for n, p in s_layer.named_parameters()}
+    handled = set()
+    if t_params.fused_qkv is not None:
+        t_w, s_w = t_params.fused_qkv.weight, s_params.fused_qkv.weight  # Conv1D [D, 3 * H d]
+        t_b, s_b = t_params.fused_qkv.bias, s_params.fused_qkv.bias
+        t_width, s_width = t_w.shape[1] // 3, s_w.shape[1] // 3
+        for part in range(3):
+            idx = torch.where(q_index >= 0, q_index + part * t_width, -1)
+            _copy_rows(s_w[:, part * s_width:(part + 1) * s_width], t_w, idx, 1)
+            _copy_rows(s_b[part * s_width:(part + 1) * s_width], t_b, idx, 0)
+        _copy_rows(s_params.o.weight, t_params.o.weight, q_index, 0)  # Conv1D [H d, D]: rows are heads
+        _copy_rows(s_params.o.bias, t_params.o.bias, None, 0)
+        owned = [s_params.fused_qkv, s_params.o]
+    else:
+        for s_mod, t_mod, idx in ((s_params.q, t_params.q, q_index), (s_params.k, t_params.k, kv_index),
+                                  (s_params.v, t_params.v, kv_index)):
+            _copy_rows(s_mod.weight, t_mod.weight, idx, 0)  # Linear [H d, D]
+            if s_mod.bias is not None and t_mod.bias is not None:
+                _copy_rows(s_mod.bias, t_mod.bias, idx, 0)
+        _copy_rows(s_params.o.weight, t_params.o.weight, q_index, 1)  # Linear [D, H d]: columns are heads
+        if s_params.o.bias is not None and t_params.o.bias is not None:
+            _copy_rows(s_params.o.bias, t_params.o.bias, None, 0)
+        owned = [s_params.q, s_params.k, s_params.v, s_params.o]
+    for name, param in names.items():
+        if any(param is p for mod in owned for p in mod.parameters(recurse=False)):
+            handled.add(prefix + name)
+    return handled
+
+
+def build_student(teacher: nn.Module, config, task: str) -> nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
+    torch_dtype = next(teacher.parameters()).dtype
+    model = cls.from_config(config, dtype=torch_dtype)
+    return model
+
+
+# --------------------------------------------------------------------------- saving
+def save_model_folder(model: nn.Module, tokenizer, target: Path, extra: dict[str, str] | None = None) -> None:
+    """Write an HF folder atomically: build it under a temporary name beside target, then rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

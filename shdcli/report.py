@@ -1,0 +1,92 @@
+"""Atomic file writes and the human-readable run report."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over the target.
+
+    A crash at any moment leaves either the old complete file or the new complete file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_report(metrics: dict) -> str:
+    """report.md: what was distilled into what, how the losses moved, and where the student is."""
+    plan = metrics["plan"]
+    t, s = plan["teacher"], plan["student"]
+    out = [
+        "# SHD distillation report",
+        "",
+        f"- teacher: `{metrics['recipe']['teacher']['path']}` ({t['model_type']}, {t['layers']} layers x "
+        f"{t['heads']} heads, {metrics['sizes']['teacher_params']:,} parameters)",
+        f"- student: {s['layers']} layers x {s['heads']} heads (kv {s['kv_heads']}), "
+        f"{metrics['sizes']['student_params']:,} parameters, written to `{metrics['student_dir']}`",
+        f"- steps: {metrics['steps_done']} of {metrics['recipe']['train']['max_steps']}, "
+        f"{metrics['timings']['train_s']:.1f} s training, {metrics['timings']['tokens_per_s']:.0f} tokens/s",
+        f"- SHD: alpha `{metrics['recipe']['distill']['alpha']}`, loss `{metrics['recipe']['distill']['attn_loss']}`, "
+        f"grouping `{plan['grouping']}`, temperature {metrics['recipe']['distill']['temperature']}",
+        "",
+        "## Validation",
+        "",
+    ]
+    val = metrics.get("validation", [])
+    if val:
+        keys = [k for k in val[0] if k != "step"]
+        out.append(markdown_table(["step", *keys], [[v["step"], *[v.get(k, "") for k in keys]] for v in val]))
+    final = metrics.get("final_eval")
+    if final:
+        out += ["", "## Final evaluation", "", markdown_table(["metric", "value"], [[k, v] for k, v in final.items()])]
+    out += ["", "## Layer and head plan", ""]
+    rows = []
+    for (si, ti), groups in zip(plan["layers"], plan["groups"]):
+        stats = metrics.get("alphas", {}).get(str(si), [])
+        desc = []
+        for j, g in enumerate(groups):
+            w = stats[j]["mean"] if j < len(stats) else None
+            weights = "" if w is None else " w=" + ",".join(f"{x:.2f}" for x in w)
+            desc.append(f"{j}<-{{{','.join(map(str, g))}}}{weights}")
+        rows.append([si, ti, "; ".join(desc)])
+    out.append(markdown_table(["student layer", "teacher layer", "head groups (mean weights)"], rows))
+    return "\n".join(out) + "\n"

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random model folders (built once per session) and an isolated cache."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from tests.tiny import make_tiny, write_text  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("tiny")
+    return {kind: make_tiny(kind, base / kind) for kind in ("bert", "gpt2", "llama")}
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> Path:
+    return write_text(tmp_path_factory.mktemp("text") / "train.txt")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Tokenised data and converted models are cached per test session, never in the user's home.
+    monkeypatch.setenv("SHD_CACHE", str(tmp_path_factory.getbasetemp() / "shd-cache"))
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600):
+    """Run `python -m shdcli ...` in a subprocess (this checkout's code), return CompletedProcess."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "shdcli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
