@@ -50,8 +50,10 @@ class StudentSpec(Section):
 
 
 class DataSpec(Section):
-    path: str = Field(description="a .txt file, a .jsonl file, or builtin:pydoc")
+    path: str = Field(description="a .txt, .jsonl or .parquet file, a datasets save_to_disk folder, or builtin:pydoc")
     text_field: str = "text"
+    stream: bool = Field(False, description="stream .txt/.jsonl into a memory-mapped token cache (always on for "
+                         "parquet and datasets folders): for corpora larger than RAM")
     seq_len: int = Field(128, ge=2)
     batch_size: int = Field(8, ge=1)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from shdcli import capture, distributed
-from shdcli.data import BatchStream, TokenBlocks, eval_batches, read_documents, split_documents, tokenize
+from shdcli.data import BatchStream, TokenBlocks, eval_batches, load_blocks
 from shdcli.errors import ShdError
 from shdcli.losses import causal_lm_loss, embedding_loss, logit_kd_loss, shd_loss
 from shdcli.mapping import Plan, layer_pairs, make_plan, plan_table
@@ -147,21 +147,11 @@ def prepare(recipe: Recipe, console: Console) -> Setup:
             "so logits cannot be compared; set distill.logit=0 to train without logit KD"
         )
 
-    docs = read_documents(recipe.data.path, recipe.data.text_field)
-    if recipe.data.max_documents:
-        docs = docs[: recipe.data.max_documents]
-    train_docs, val_docs = split_documents(docs, recipe.data.val_fraction, recipe.train.seed)
     packed = task == CAUSAL_LM
-    with distributed.main_first():  # rank 0 tokenises into the cache, the other ranks then read it
-        train_blocks = tokenize(train_docs, tokenizer, recipe.data.seq_len, packed)
-        try:
-            val_blocks = tokenize(val_docs, tokenizer, recipe.data.seq_len, packed)
-        except ShdError as exc:
-            raise ShdError(
-                f"data.val_fraction: the validation split is too small ({exc}); raise data.val_fraction"
-            ) from None
-    # Validation batches are global (batch_size * world rows); validate() gives each rank its share.
     world = distributed.info().world
+    with distributed.main_first():  # rank 0 tokenises into the cache, the other ranks then read it
+        train_blocks, val_blocks = load_blocks(recipe.data, tokenizer, packed, recipe.train.seed, world)
+    # Validation batches are global (batch_size * world rows); validate() gives each rank its share.
     val = eval_batches(val_blocks, recipe.data.batch_size * world, recipe.data.val_batches)
     val = [b for b in val if len(b["input_ids"]) >= world]  # every rank needs rows (FSDP: every rank runs)
 
