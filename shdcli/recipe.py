@@ -37,15 +37,28 @@ class FromTeacher(Section):
     init: Literal["teacher", "random"] = "teacher"
 
 
+class LoraSpec(Section):
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16.0, gt=0.0, description="scale alpha / r of the low-rank update")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Literal["attention", "all-linear"] | list[str] = Field(
+        "attention", description="attention (q/k/v/o projections), all-linear, or PEFT module-name suffixes"
+    )
+
+
 class StudentSpec(Section):
     path: str | None = None
     from_teacher: FromTeacher | None = None
     allow_pickle: bool = False
+    lora: LoraSpec | None = Field(None, description="train LoRA adapters on the (frozen) student; needs peft")
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentSpec:
         if (self.path is None) == (self.from_teacher is None):
             raise ValueError("give exactly one of student.path or student.from_teacher")
+        if self.lora is not None and self.from_teacher is not None and self.from_teacher.init == "random":
+            raise ValueError("lora adapters on a randomly initialised student cannot learn much; "
+                             "set student.from_teacher.init=teacher (or give student.path)")
         return self
 
 

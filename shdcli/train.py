@@ -139,6 +139,12 @@ def prepare(recipe: Recipe, console: Console) -> Setup:
             f"set data.seq_len <= {t_shape.max_positions}"
         )
     student, plan = make_student(recipe, teacher, tokenizer, task)
+    if recipe.student.lora is not None:
+        if recipe.train.strategy == "fsdp" and distributed.env_info().enabled:
+            raise ShdError("student.lora: LoRA students train with train.strategy=ddp (adapters are small); set it")
+        from shdcli.lora import apply_lora
+
+        student = apply_lora(student, recipe.student.lora)
     s_shape = model_shape(student.config)
     use_logit = recipe.distill.logit > 0 and task == CAUSAL_LM
     if use_logit and s_shape.vocab != t_shape.vocab:
@@ -364,7 +370,11 @@ def run_distillation(recipe: Recipe, console: Console) -> dict:
     import json
 
     to_save = distributed.model_for_saving(setup.student)  # collective under FSDP; None off rank 0
-    if to_save is not None:
+    if to_save is not None and recipe.student.lora is not None:
+        from shdcli.lora import save_lora_student  # merged student + lora/adapter + lora/base
+
+        save_lora_student(to_save, setup.tokenizer, student_dir, {"shd_plan.json": json.dumps(plan_dict, indent=2)})
+    elif to_save is not None:
         save_model_folder(to_save, setup.tokenizer, student_dir, {"shd_plan.json": json.dumps(plan_dict, indent=2)})
     final = _final_eval(setup, validation[-1])
     metrics = {
@@ -376,7 +386,9 @@ def run_distillation(recipe: Recipe, console: Console) -> dict:
         "validation": validation,
         "final_eval": final,
         "alphas": stats.summary(),
-        "sizes": {"teacher_params": count_parameters(setup.teacher), "student_params": count_parameters(setup.student)},
+        "sizes": {"teacher_params": count_parameters(setup.teacher),
+                  "student_params": count_parameters(setup.student),
+                  "student_trainable_params": sum(p.numel() for p in setup.student.parameters() if p.requires_grad)},
         "timings": {"setup_s": setup_s, "train_s": train_s, "tokens_per_s": tokens_seen / max(train_s, 1e-9),
                     "total_s": time.perf_counter() - t_start},
         "device": str(setup.device),
