@@ -51,11 +51,18 @@ def distill(
     ] = None,
 ) -> None:
     """Distil a teacher into a student with SHD + logit KD + task loss."""
+    from shdcli import distributed
     from shdcli.recipe import load_recipe
     from shdcli.train import run_distillation
 
+    console.quiet = not distributed.env_info().is_main  # under torchrun only rank 0 talks
     spec = load_recipe(recipe, set_ or [])
-    metrics = run_distillation(spec, console)
+    try:
+        metrics = run_distillation(spec, console)
+    except BaseException:
+        distributed.shutdown(clean=False)  # no final barrier: the other ranks may never reach it
+        raise
+    distributed.shutdown()
     console.print(f"[green]student written to[/green] {metrics['student_dir']}")
     console.print(f"report: {Path(spec.output_dir) / 'report.md'}   metrics: {Path(spec.output_dir) / 'metrics.json'}")
 

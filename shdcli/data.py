@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -24,6 +30,30 @@ BUILTIN = {
     "builtin:pydoc": "CPython's pydoc help topics (~465 KB of English technical prose)",
     "builtin:sentences": "a few hundred ordinary English sentences shipped with shd",
 }
+
+
+def load_blocks(spec, tokenizer, packed: bool, seed: int, world: int = 1) -> tuple[TokenBlocks, TokenBlocks]:
+    """Train and validation blocks for a recipe's data section (spec: recipe.DataSpec).
+
+    Small sources (.txt/.jsonl/builtin) are read whole; parquet, datasets folders and data.stream
+    sources stream into a memory-mapped cache (stream_blocks).
+    """
+    if is_stream_source(spec.path, spec.stream):
+        val_rows = spec.batch_size * world * spec.val_batches
+        return stream_blocks(spec.path, spec.text_field, tokenizer, spec.seq_len, packed, seed, spec.val_fraction,
+                             val_rows, spec.max_documents)
+    docs = read_documents(spec.path, spec.text_field)
+    if spec.max_documents:
+        docs = docs[: spec.max_documents]
+    train_docs, val_docs = split_documents(docs, spec.val_fraction, seed)
+    train_blocks = tokenize(train_docs, tokenizer, spec.seq_len, packed)
+    try:
+        val_blocks = tokenize(val_docs, tokenizer, spec.seq_len, packed)
+    except ShdError as exc:
+        raise ShdError(
+            f"data.val_fraction: the validation split is too small ({exc}); raise data.val_fraction"
+        ) from None
+    return train_blocks, val_blocks
 
 
 def read_documents(path: str, text_field: str = "text", field: str = "data.path") -> list[str]:
@@ -209,10 +239,10 @@ class BatchStream:
 
 
 def trim(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Drop columns that are padding in every row (right padding)."""
+    """Drop columns that are padding in every row (right padding); int64 whatever the storage dtype."""
     length = int(attention_mask.sum(dim=1).max().item()) if attention_mask.numel() else 0
     length = max(length, 1)
-    return {"input_ids": input_ids[:, :length], "attention_mask": attention_mask[:, :length]}
+    return {"input_ids": input_ids[:, :length].long(), "attention_mask": attention_mask[:, :length].long()}
 
 
 def eval_batches(blocks: TokenBlocks, batch_size: int, limit: int | None = None) -> list[dict[str, torch.Tensor]]:
@@ -223,3 +253,278 @@ def eval_batches(blocks: TokenBlocks, batch_size: int, limit: int | None = None)
             break
         out.append(trim(blocks.input_ids[start:start + batch_size], blocks.attention_mask[start:start + batch_size]))
     return out
+
+
+# --------------------------------------------------------------------------- corpora larger than RAM
+# Parquet files, Hugging Face `datasets` folders (save_to_disk) and, with data.stream, big .txt/.jsonl
+# files are never held in memory: documents stream from disk, are tokenised in chunks and appended
+# to a memory-mapped cache of token ids (int32 [S, L] .bin files + meta.json). BatchStream reads only
+# the rows of each batch from it, so RAM use does not grow with the corpus.
+
+STREAM_CHUNK = 512  # documents per tokenizer call
+
+
+def is_stream_source(path: str, stream: bool = False) -> bool:
+    """Parquet files, folders of parquet files and `datasets` folders always stream; .txt/.jsonl on request."""
+    if path.startswith("builtin:"):
+        return False
+    file = Path(path).expanduser()
+    if file.suffix == ".parquet":
+        return True
+    if file.is_dir():
+        return True  # read_documents rejects folders; only the streaming readers understand them
+    return stream
+
+
+def _pyarrow(path: str, field: str):
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise ShdError(
+            f"{field}: {path} needs the optional package pyarrow to be read; pip install pyarrow"
+        ) from None
+    import pyarrow
+
+    return pyarrow
+
+
+def _source_files(path: str, field: str) -> tuple[str, list[Path]]:
+    """(kind, files) of a streaming source: kind is parquet | arrow | txt | jsonl."""
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise ShdError(f"{field}: {path} does not exist; give a .txt, .jsonl or .parquet file or a datasets folder")
+    if file.is_file():
+        kind = {".parquet": "parquet", ".jsonl": "jsonl"}.get(file.suffix, "txt")
+        return kind, [file]
+    if (file / "dataset_dict.json").exists():  # DatasetDict.save_to_disk: one sub-folder per split
+        splits = json.loads((file / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise ShdError(f"{field}: {path} is a DatasetDict with splits {splits}; give one split's folder")
+        file = file / "train"
+    if (file / "state.json").exists():  # Dataset.save_to_disk: arrow stream shards listed in state.json
+        state = json.loads((file / "state.json").read_text())
+        return "arrow", [file / f["filename"] for f in state.get("_data_files", [])]
+    parquet = sorted(file.glob("*.parquet"))
+    if parquet:
+        return "parquet", parquet
+    raise ShdError(
+        f"{field}: folder {path} holds neither a datasets save_to_disk dataset (state.json) nor .parquet files; "
+        "give a .txt/.jsonl/.parquet file or such a folder"
+    )
+
+
+def iter_documents(path: str, text_field: str = "text", field: str = "data.path") -> Iterator[str]:
+    """Documents one at a time, whatever the size of the source (see is_stream_source)."""
+    kind, files = _source_files(path, field)
+    if kind in ("parquet", "arrow"):
+        pa = _pyarrow(path, field)
+        for file in files:
+            yield from _arrow_texts(pa, file, kind, text_field, path, field)
+    elif kind == "jsonl":
+        with open(files[0], encoding="utf-8", errors="strict") as handle:
+            for lineno, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ShdError(f"{field}: {path} line {lineno} is not valid JSON; one object per line") from None
+                text = record.get(text_field) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise ShdError(
+                        f"{field}: {path} line {lineno} has no string field {text_field!r}; set data.text_field"
+                    )
+                if text.strip():
+                    yield text.strip()
+    else:
+        yield from _stream_text(files[0])
+
+
+def _arrow_texts(pa, file: Path, kind: str, text_field: str, path: str, field: str) -> Iterator[str]:
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        source = pq.ParquetFile(file)
+        names = source.schema_arrow.names
+        batches = source.iter_batches(batch_size=1024, columns=[text_field]) if text_field in names else None
+    else:
+        reader = pa.ipc.open_stream(pa.memory_map(str(file)))  # datasets shards: arrow IPC streams
+        names = reader.schema.names
+        batches = reader if text_field in names else None
+    if batches is None:
+        raise ShdError(
+            f"{field}: {path} has no column {text_field!r} (columns: {', '.join(names)}); set data.text_field"
+        )
+    for batch in batches:
+        for text in batch.column(batch.schema.get_field_index(text_field)).to_pylist():
+            if isinstance(text, str) and text.strip():
+                yield text.strip()
+
+
+def _stream_text(file: Path) -> Iterator[str]:
+    """A .txt file read line by line: blank-line separated paragraphs if its first MiB has a blank line."""
+    with open(file, encoding="utf-8") as handle:
+        head = handle.read(1 << 20)
+        paragraphs = "\n\n" in head.replace("\r\n", "\n").strip()
+        handle.seek(0)
+        current: list[str] = []
+        try:
+            for line in handle:
+                if not paragraphs:
+                    if line.strip():
+                        yield " ".join(line.split())
+                    continue
+                if line.strip():
+                    current.append(line)
+                elif current:
+                    yield " ".join(" ".join(current).split())
+                    current = []
+        except UnicodeDecodeError as exc:
+            raise ShdError(f"data.path: {file} is not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
+        if current:
+            yield " ".join(" ".join(current).split())
+
+
+def _is_validation(index: int, seed: int, fraction: float) -> bool:
+    """Deterministic per-document coin (a hash of seed and position): the same split on every rank and rerun."""
+    return zlib.crc32(f"{seed}:{index}".encode()) < fraction * 2**32
+
+
+class _BlockWriter:
+    """Appends tokenised rows to <name>.ids.bin (int32 [S, L]) and, unpacked, <name>.mask.bin (uint8)."""
+
+    def __init__(self, folder: Path, name: str, seq_len: int, packed: bool, prefix: list[int], suffix: list[int],
+                 eos: int | None, pad: int) -> None:
+        self.seq_len, self.packed, self.eos, self.pad = seq_len, packed, eos, pad
+        self.prefix, self.suffix = prefix, suffix
+        self.ids = open(folder / f"{name}.ids.bin", "wb")  # noqa: SIM115 - closed in close()
+        self.mask = None if packed else open(folder / f"{name}.mask.bin", "wb")  # noqa: SIM115
+        self.buffer: list[int] = []  # packed: tokens of the block being filled
+        self.rows = 0
+
+    def add(self, encoded: list[int]) -> None:
+        if self.packed:
+            self.buffer.extend(encoded)
+            if self.eos is not None:
+                self.buffer.append(self.eos)
+            full = len(self.buffer) // self.seq_len * self.seq_len
+            if full:
+                self.ids.write(np.asarray(self.buffer[:full], dtype=np.int32).tobytes())
+                self.rows += full // self.seq_len
+                del self.buffer[:full]
+            return
+        body = self.seq_len - len(self.prefix) - len(self.suffix)
+        for start in range(0, max(1, len(encoded)), body):
+            row = self.prefix + encoded[start:start + body] + self.suffix
+            ids = np.full(self.seq_len, self.pad, dtype=np.int32)
+            ids[: len(row)] = row
+            mask = np.zeros(self.seq_len, dtype=np.uint8)
+            mask[: len(row)] = 1
+            self.ids.write(ids.tobytes())
+            self.mask.write(mask.tobytes())
+            self.rows += 1
+
+    def close(self) -> None:
+        # The packed tail shorter than one block is dropped, as _pack does.
+        self.ids.close()
+        if self.mask is not None:
+            self.mask.close()
+
+
+def open_blocks(folder: Path, name: str, rows: int, seq_len: int, packed: bool) -> TokenBlocks:
+    """Memory-mapped TokenBlocks: pages are read from disk only for the rows a batch indexes."""
+    # mode "c" (copy-on-write): a writable view for torch.from_numpy that never writes the file.
+    ids = torch.from_numpy(np.memmap(folder / f"{name}.ids.bin", dtype=np.int32, mode="c", shape=(rows, seq_len)))
+    if packed:  # every token is real: a stride-0 view of one row of ones costs no memory
+        mask = torch.ones(1, seq_len, dtype=torch.uint8).expand(rows, seq_len)
+    else:
+        mask = torch.from_numpy(np.memmap(folder / f"{name}.mask.bin", dtype=np.uint8, mode="c", shape=(rows, seq_len)))
+    return TokenBlocks(ids, mask)
+
+
+def _source_key(path: str) -> list:
+    """Identity of a streaming source without reading it: each file's path, size and mtime."""
+    file = Path(path).expanduser().resolve()
+    files = [file] if file.is_file() else sorted(p for p in file.rglob("*") if p.is_file())
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def stream_blocks(path: str, text_field: str, tokenizer, seq_len: int, packed: bool, seed: int, val_fraction: float,
+                  val_rows: int, max_documents: int | None = None) -> tuple[TokenBlocks, TokenBlocks]:
+    """Train and validation TokenBlocks of a streaming source, tokenised once into a memory-mapped cache.
+
+    Validation: documents whose hash coin (seed, position) falls under val_fraction, until they give
+    val_rows sequences (enough for data.val_batches); every later document trains. Documents never
+    straddle the split.
+    """
+    key = hashlib.sha256(json.dumps(
+        [_source_key(path), text_field, _tokenizer_id(tokenizer), seq_len, packed, seed, val_fraction, val_rows,
+         max_documents], separators=(",", ":")).encode()).hexdigest()[:24]
+    folder = cache_dir() / "tokens" / key
+    meta_file = folder / "meta.json"
+    if not meta_file.exists():
+        _build_stream_cache(folder, path, text_field, tokenizer, seq_len, packed, seed, val_fraction, val_rows,
+                            max_documents)
+    meta = json.loads(meta_file.read_text())
+    if meta["train_rows"] == 0:
+        raise ShdError(
+            f"data: the training text gives fewer tokens than one block of data.seq_len={seq_len}; "
+            "add text or lower data.seq_len"
+        )
+    if meta["val_rows"] == 0:
+        raise ShdError(
+            f"data.val_fraction: the validation documents ({meta['val_documents']} of {meta['documents']}) give "
+            f"fewer tokens than one block of data.seq_len={seq_len}; raise data.val_fraction or lower data.seq_len"
+        )
+    return (open_blocks(folder, "train", meta["train_rows"], seq_len, packed),
+            open_blocks(folder, "val", meta["val_rows"], seq_len, packed))
+
+
+def _build_stream_cache(folder: Path, path: str, text_field: str, tokenizer, seq_len: int, packed: bool, seed: int,
+                        val_fraction: float, val_rows: int, max_documents: int | None) -> None:
+    prefix, suffix = ([], []) if packed else _special_affixes(tokenizer)
+    if not packed and seq_len - len(prefix) - len(suffix) < 1:
+        raise ShdError(f"data.seq_len={seq_len} leaves no room after the tokenizer's special tokens; raise it")
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        writers = {n: _BlockWriter(tmp, n, seq_len, packed, prefix, suffix, eos, pad) for n in ("train", "val")}
+        chunk: list[str] = []  # training documents waiting for one batched tokenizer call
+        documents = val_documents = 0
+
+        def flush() -> None:
+            for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+                writers["train"].add(ids)
+            chunk.clear()
+
+        for index, text in enumerate(iter_documents(path, text_field)):
+            if max_documents is not None and index >= max_documents:
+                break
+            documents += 1
+            if writers["val"].rows < val_rows and _is_validation(index, seed, val_fraction):
+                # Validation documents are few (capped at val_rows): tokenised at once, so the cap is exact.
+                writers["val"].add(tokenizer(text, add_special_tokens=False)["input_ids"])
+                val_documents += 1
+                continue
+            chunk.append(text)
+            if len(chunk) >= STREAM_CHUNK:
+                flush()
+        if chunk:
+            flush()
+        for writer in writers.values():
+            writer.close()
+        if documents == 0:
+            raise ShdError(f"data.path: {path} holds no text; give a source with at least a few documents")
+        meta = {"train_rows": writers["train"].rows, "val_rows": writers["val"].rows, "documents": documents,
+                "val_documents": val_documents,
+                "seq_len": seq_len, "packed": packed, "dtype": "int32", "source": path}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished the same cache first: keep theirs
+            if not (folder / "meta.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -37,21 +37,36 @@ class FromTeacher(Section):
     init: Literal["teacher", "random"] = "teacher"
 
 
+class LoraSpec(Section):
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16.0, gt=0.0, description="scale alpha / r of the low-rank update")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Literal["attention", "all-linear"] | list[str] = Field(
+        "attention", description="attention (q/k/v/o projections), all-linear, or PEFT module-name suffixes"
+    )
+
+
 class StudentSpec(Section):
     path: str | None = None
     from_teacher: FromTeacher | None = None
     allow_pickle: bool = False
+    lora: LoraSpec | None = Field(None, description="train LoRA adapters on the (frozen) student; needs peft")
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentSpec:
         if (self.path is None) == (self.from_teacher is None):
             raise ValueError("give exactly one of student.path or student.from_teacher")
+        if self.lora is not None and self.from_teacher is not None and self.from_teacher.init == "random":
+            raise ValueError("lora adapters on a randomly initialised student cannot learn much; "
+                             "set student.from_teacher.init=teacher (or give student.path)")
         return self
 
 
 class DataSpec(Section):
-    path: str = Field(description="a .txt file, a .jsonl file, or builtin:pydoc")
+    path: str = Field(description="a .txt, .jsonl or .parquet file, a datasets save_to_disk folder, or builtin:pydoc")
     text_field: str = "text"
+    stream: bool = Field(False, description="stream .txt/.jsonl into a memory-mapped token cache (always on for "
+                         "parquet and datasets folders): for corpora larger than RAM")
     seq_len: int = Field(128, ge=2)
     batch_size: int = Field(8, ge=1)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
@@ -87,6 +102,9 @@ class TrainSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp (student replicated) or fsdp (student sharded, FSDP2)"
+    )
 
 
 class Recipe(Section):
@@ -113,7 +131,7 @@ class Recipe(Section):
     def fingerprint(self) -> str:
         """Hash of everything that defines the run except its length and output place."""
         data = self.resolved()
-        for key in ("max_steps", "eval_every", "log_every", "device", "threads"):
+        for key in ("max_steps", "eval_every", "log_every", "device", "threads", "strategy"):
             data["train"].pop(key, None)
         data.pop("output_dir", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

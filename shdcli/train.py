@@ -13,8 +13,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from shdcli import capture
-from shdcli.data import BatchStream, TokenBlocks, eval_batches, read_documents, split_documents, tokenize
+from shdcli import capture, distributed
+from shdcli.data import BatchStream, TokenBlocks, eval_batches, load_blocks
 from shdcli.errors import ShdError
 from shdcli.losses import causal_lm_loss, embedding_loss, logit_kd_loss, shd_loss
 from shdcli.mapping import Plan, layer_pairs, make_plan, plan_table
@@ -128,7 +128,7 @@ def prepare(recipe: Recipe, console: Console) -> Setup:
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     seed_everything(recipe.train.seed)
-    device = pick_device(recipe.train.device)
+    device = distributed.local_device(pick_device(recipe.train.device))
     amp_dtype = torch.bfloat16 if recipe.train.dtype == "bfloat16" else None
 
     teacher, tokenizer, task, _ = load_teacher(recipe)
@@ -139,6 +139,12 @@ def prepare(recipe: Recipe, console: Console) -> Setup:
             f"set data.seq_len <= {t_shape.max_positions}"
         )
     student, plan = make_student(recipe, teacher, tokenizer, task)
+    if recipe.student.lora is not None:
+        if recipe.train.strategy == "fsdp" and distributed.env_info().enabled:
+            raise ShdError("student.lora: LoRA students train with train.strategy=ddp (adapters are small); set it")
+        from shdcli.lora import apply_lora
+
+        student = apply_lora(student, recipe.student.lora)
     s_shape = model_shape(student.config)
     use_logit = recipe.distill.logit > 0 and task == CAUSAL_LM
     if use_logit and s_shape.vocab != t_shape.vocab:
@@ -147,17 +153,13 @@ def prepare(recipe: Recipe, console: Console) -> Setup:
             "so logits cannot be compared; set distill.logit=0 to train without logit KD"
         )
 
-    docs = read_documents(recipe.data.path, recipe.data.text_field)
-    if recipe.data.max_documents:
-        docs = docs[: recipe.data.max_documents]
-    train_docs, val_docs = split_documents(docs, recipe.data.val_fraction, recipe.train.seed)
     packed = task == CAUSAL_LM
-    train_blocks = tokenize(train_docs, tokenizer, recipe.data.seq_len, packed)
-    try:
-        val_blocks = tokenize(val_docs, tokenizer, recipe.data.seq_len, packed)
-    except ShdError as exc:
-        raise ShdError(f"data.val_fraction: the validation split is too small ({exc}); raise data.val_fraction") from None
-    val = eval_batches(val_blocks, recipe.data.batch_size, recipe.data.val_batches)
+    world = distributed.info().world
+    with distributed.main_first():  # rank 0 tokenises into the cache, the other ranks then read it
+        train_blocks, val_blocks = load_blocks(recipe.data, tokenizer, packed, recipe.train.seed, world)
+    # Validation batches are global (batch_size * world rows); validate() gives each rank its share.
+    val = eval_batches(val_blocks, recipe.data.batch_size * world, recipe.data.val_batches)
+    val = [b for b in val if len(b["input_ids"]) >= world]  # every rank needs rows (FSDP: every rank runs)
 
     for model in (teacher, student):
         capture.enable(model)
@@ -166,6 +168,7 @@ def prepare(recipe: Recipe, console: Console) -> Setup:
         teacher.to(amp_dtype)
     teacher.to(device)
     student.to(device).train()
+    student = distributed.wrap_student(student, recipe.train.strategy, device, amp_dtype, encoder=task != CAUSAL_LM)
     bases = feature_bases(teacher, plan)
     return Setup(recipe, device, amp_dtype, teacher, student, tokenizer, task, plan, bases, train_blocks, val, use_logit)
 
@@ -227,13 +230,15 @@ def validate(setup: Setup) -> dict[str, float]:
     sums: dict[str, float] = {}
     tokens = 0.0
     for batch in setup.val_batches:
-        batch = {k: v.to(setup.device) for k, v in batch.items()}
+        batch = {k: v.to(setup.device) for k, v in distributed.rank_rows(batch).items()}
         total, parts, _ = step_losses(setup, batch)
         n = float(batch["attention_mask"][:, 1:].sum()) if setup.task == CAUSAL_LM else float(len(batch["input_ids"]))
         for k, v in {**parts, "total": total.detach()}.items():
             sums[k] = sums.get(k, 0.0) + float(v) * n
         tokens += n
     setup.student.train()
+    sums = distributed.all_reduce_sum({**sums, "_tokens": tokens}, setup.device)
+    tokens = sums.pop("_tokens")
     out = {f"val_{k}": v / max(tokens, 1.0) for k, v in sums.items()}
     if setup.task == CAUSAL_LM:
         out["val_perplexity"] = math.exp(min(out["val_task"], 700.0))
@@ -303,11 +308,14 @@ def run_distillation(recipe: Recipe, console: Console) -> dict:
     """`shd distill`: prepare, train, evaluate, write student/ + metrics.json + report.md."""
     t_start = time.perf_counter()
     out_dir = Path(recipe.output_dir)
+    dist_info = distributed.init(recipe.train.device)  # no-op outside torchrun
+    if not dist_info.is_main:
+        console = Console(quiet=True)
     setup = prepare(recipe, console)
     console.print(plan_table(setup.plan))
     setup_s = time.perf_counter() - t_start
 
-    stream = BatchStream(setup.train_blocks, recipe.data.batch_size, recipe.train.seed)
+    stream = BatchStream(setup.train_blocks, recipe.data.batch_size, recipe.train.seed, dist_info.rank, dist_info.world)
     optimizer = make_optimizer(setup.student, recipe)
     scheduler = make_scheduler(optimizer, recipe)
     stats = WeightStats()
@@ -322,22 +330,29 @@ def run_distillation(recipe: Recipe, console: Console) -> dict:
         for step in range(1, recipe.train.max_steps + 1):
             optimizer.zero_grad(set_to_none=True)
             parts_sum: dict[str, float] = {}
-            for _ in range(recipe.train.grad_accum):
+            step_tokens = 0
+            for micro in range(recipe.train.grad_accum):
                 batch = {k: v.to(setup.device) for k, v in stream.next().items()}
-                total, parts, weights = step_losses(setup, batch)
-                for name, value in {**parts, "total": total.detach()}.items():
-                    if not torch.isfinite(value):
-                        raise ShdError(
-                            f"loss part {name!r} became {float(value)} at step {step}; lower train.lr or "
-                            "distill weights (the student in output_dir was not overwritten)"
-                        )
-                    parts_sum[name] = parts_sum.get(name, 0.0) + float(value) / recipe.train.grad_accum
-                (total / recipe.train.grad_accum).backward()
+                # forward and backward inside: DDP/FSDP skip the gradient all-reduce until the last micro-step
+                with distributed.grad_sync(setup.student, micro == recipe.train.grad_accum - 1):
+                    total, parts, weights = step_losses(setup, batch)
+                    for name, value in {**parts, "total": total.detach()}.items():
+                        if not torch.isfinite(value):
+                            raise ShdError(
+                                f"loss part {name!r} became {float(value)} at step {step}; lower train.lr or "
+                                "distill weights (the student in output_dir was not overwritten)"
+                            )
+                        parts_sum[name] = parts_sum.get(name, 0.0) + float(value) / recipe.train.grad_accum
+                    (total / recipe.train.grad_accum).backward()
                 stats.add(weights)
-                tokens_seen += int(batch["attention_mask"].sum())
+                step_tokens += int(batch["attention_mask"].sum())
+            parts_sum, step_tokens = distributed.reduce_metrics(parts_sum, step_tokens, setup.device)
+            tokens_seen += step_tokens
             grad_norm = None
             if recipe.train.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(setup.student.parameters(), recipe.train.grad_clip))
+                grad_norm = distributed.as_float(
+                    torch.nn.utils.clip_grad_norm_(setup.student.parameters(), recipe.train.grad_clip)
+                )
             optimizer.step()
             scheduler.step()
             elapsed = time.perf_counter() - t_train
@@ -354,7 +369,13 @@ def run_distillation(recipe: Recipe, console: Console) -> dict:
     plan_dict = setup.plan.to_dict()
     import json
 
-    save_model_folder(setup.student, setup.tokenizer, student_dir, {"shd_plan.json": json.dumps(plan_dict, indent=2)})
+    to_save = distributed.model_for_saving(setup.student)  # collective under FSDP; None off rank 0
+    if to_save is not None and recipe.student.lora is not None:
+        from shdcli.lora import save_lora_student  # merged student + lora/adapter + lora/base
+
+        save_lora_student(to_save, setup.tokenizer, student_dir, {"shd_plan.json": json.dumps(plan_dict, indent=2)})
+    elif to_save is not None:
+        save_model_folder(to_save, setup.tokenizer, student_dir, {"shd_plan.json": json.dumps(plan_dict, indent=2)})
     final = _final_eval(setup, validation[-1])
     metrics = {
         "recipe": recipe.resolved(),
@@ -365,13 +386,19 @@ def run_distillation(recipe: Recipe, console: Console) -> dict:
         "validation": validation,
         "final_eval": final,
         "alphas": stats.summary(),
-        "sizes": {"teacher_params": count_parameters(setup.teacher), "student_params": count_parameters(setup.student)},
+        "sizes": {"teacher_params": count_parameters(setup.teacher),
+                  "student_params": count_parameters(setup.student),
+                  "student_trainable_params": sum(p.numel() for p in setup.student.parameters() if p.requires_grad)},
         "timings": {"setup_s": setup_s, "train_s": train_s, "tokens_per_s": tokens_seen / max(train_s, 1e-9),
                     "total_s": time.perf_counter() - t_start},
         "device": str(setup.device),
+        "distributed": {"world_size": dist_info.world,
+                        "strategy": recipe.train.strategy if dist_info.enabled else None},
     }
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    write_text_atomic(out_dir / "report.md", render_report(metrics))
+    if dist_info.is_main:
+        write_json_atomic(out_dir / "metrics.json", metrics)
+        write_text_atomic(out_dir / "report.md", render_report(metrics))
+    distributed.barrier()
     return metrics
 
 

@@ -1,0 +1,128 @@
+"""torchrun on CPU (gloo): 2 ranks reproduce one process with the same global batch, DDP and FSDP2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from shdcli import distributed
+from shdcli.data import BatchStream, TokenBlocks
+from tests.conftest import ROOT
+from tests.tiny import make_tiny, write_text
+
+
+@pytest.fixture(scope="module")
+def no_dropout_gpt2(tmp_path_factory) -> Path:
+    # Dropout draws different masks in one process and in two: equality needs it off.
+    folder = make_tiny("gpt2", tmp_path_factory.mktemp("gpt2nd") / "gpt2")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _recipe(tmp: Path, teacher: Path, text: Path, out: str, batch_size: int, **train) -> Path:
+    data = {
+        "teacher": str(teacher),
+        "student": {"from_teacher": {"layers": 2, "heads": 3}},
+        "data": {"path": str(text), "seq_len": 32, "batch_size": batch_size, "val_batches": 2},
+        "train": {"max_steps": 4, "eval_every": 4, "device": "cpu", "warmup_steps": 1, "lr": 1e-3, "threads": 1,
+                  **train},
+        "output_dir": str(tmp / out),
+    }
+    path = tmp / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _torchrun(recipe: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "shdcli", "distill", str(recipe)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _single(recipe: Path) -> dict:
+    from rich.console import Console
+
+    from shdcli.recipe import load_recipe
+    from shdcli.train import run_distillation
+
+    return run_distillation(load_recipe(recipe), Console(quiet=True))
+
+
+def _assert_same_run(one: dict, two: dict, rtol: float = 1e-4) -> None:
+    assert len(one["history"]) == len(two["history"])
+    for a, b in zip(one["history"], two["history"]):
+        for key in ("total", "task", "logit", "shd", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=rtol, abs=1e-7), (a["step"], key)
+    for a, b in zip(one["validation"], two["validation"]):
+        for key in ("val_total", "val_task", "val_shd"):
+            assert b[key] == pytest.approx(a[key], rel=rtol, abs=1e-7), (a["step"], key)
+
+
+def _same_student(dir_a: Path, dir_b: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(dir_a).eval()
+    b = AutoModelForCausalLM.from_pretrained(dir_b).eval()
+    ids = torch.arange(1, 25).view(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(b(input_ids=ids).logits, a(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy,accum", [("ddp", 1), ("fsdp", 2)])
+def test_two_gloo_ranks_match_one_process(tmp_path, no_dropout_gpt2, strategy, accum):
+    text = write_text(tmp_path / "train.txt")
+    one = _single(_recipe(tmp_path, no_dropout_gpt2, text, "one", 4, grad_accum=accum))
+    proc = _torchrun(_recipe(tmp_path, no_dropout_gpt2, text, "two", 2, grad_accum=accum, strategy=strategy))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["distributed"] == {"world_size": 2, "strategy": strategy}
+    assert one["distributed"]["world_size"] == 1
+    _assert_same_run(one, two)
+    # rank 0 alone printed the plan and the result line
+    assert proc.stdout.count("student written to") == 1
+    _same_student(tmp_path / "one" / "student", tmp_path / "two" / "student")
+    # rank 0 alone wrote: no stray temporary folders beside the outputs
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["metrics.json", "report.md", "student"]
+
+
+def test_rank_slices_concatenate_to_the_global_batch():
+    ids = torch.arange(50 * 4).view(50, 4)
+    blocks = TokenBlocks(ids, torch.ones_like(ids))
+    single = BatchStream(blocks, 6, seed=3)
+    ranks = [BatchStream(blocks, 2, seed=3, rank=r, world=3) for r in range(3)]
+    for _ in range(20):  # crosses epoch boundaries (50 rows, 6 per global batch)
+        whole = single.next()["input_ids"]
+        parts = torch.cat([s.next()["input_ids"] for s in ranks])
+        assert torch.equal(whole, parts)
+
+
+def test_without_torchrun_everything_is_a_noop(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    info = distributed.init("cpu")
+    assert (info.rank, info.world, info.is_main, info.enabled) == (0, 1, True, False)
+    model = torch.nn.Linear(3, 2)
+    assert distributed.wrap_student(model, "fsdp", torch.device("cpu"), None, encoder=False) is model
+    assert distributed.reduce_metrics({"a": 1.5}, 7, torch.device("cpu")) == ({"a": 1.5}, 7)
+    assert distributed.model_for_saving(model) is model
+    batch = {"input_ids": torch.ones(3, 2)}
+    assert distributed.rank_rows(batch) is batch
+
+
+def test_bad_torchrun_environment_is_a_user_error(monkeypatch):
+    from shdcli.errors import ShdError
+
+    monkeypatch.setenv("RANK", "zero")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ShdError, match="RANK"):
+        distributed.env_info()

@@ -1,0 +1,51 @@
+"""The scale-out recipes in recipes/scale/ (not run in CI) validate, and their head plans are the paper's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shdcli.mapping import make_plan
+from shdcli.models import model_shape
+from shdcli.recipe import load_recipe
+
+SCALE = Path(__file__).resolve().parents[1] / "recipes" / "scale"
+
+
+def _configs():
+    from transformers import GPT2Config, LlamaConfig
+
+    gpt2 = {name: GPT2Config(n_layer=layers, n_head=heads, n_embd=width, vocab_size=50257, n_positions=1024)
+            for name, layers, heads, width in [("gpt2-xl", 48, 25, 1600), ("gpt2", 12, 12, 768),
+                                               ("gpt2-medium", 24, 16, 1024), ("gpt2-large", 36, 20, 1280)]}
+    llama = {name: LlamaConfig(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                               hidden_size=width, intermediate_size=inter, vocab_size=32000,
+                               max_position_embeddings=4096)
+             for name, layers, heads, width, inter in [("Llama-2-13b-hf", 40, 40, 5120, 13824),
+                                                       ("Llama-2-7b-hf", 32, 32, 4096, 11008)]}
+    return {**gpt2, **llama}
+
+
+@pytest.mark.parametrize("path", sorted(SCALE.glob("*.yaml")), ids=lambda p: p.name)
+def test_scale_recipe_validates_and_plans(path):
+    recipe = load_recipe(path)
+    assert recipe.train.device == "cuda" and recipe.train.dtype == "bfloat16"
+    configs = _configs()
+    teacher = model_shape(configs[Path(recipe.teacher.path).name])
+    student = model_shape(configs[Path(recipe.student.path).name])
+    plan = make_plan(teacher, student, recipe.distill.layers, recipe.distill.grouping)
+    assert len(plan.pairs) == student.layers
+    for groups in plan.groups:  # every teacher head used once, one group per student head
+        assert len(groups) == student.heads
+        assert sorted(h for g in groups for h in g) == list(range(teacher.heads))
+    if teacher.heads == 40:  # 40 -> 32: 8 adjacent pairs and 24 single heads
+        assert sorted(len(g) for g in plan.groups[0]) == [1] * 24 + [2] * 8
+    if "13b" in recipe.teacher.path and recipe.student.lora is None:
+        assert recipe.train.strategy == "fsdp"  # a 7B student's fp32 Adam state does not fit one GPU
+
+
+def test_all_scale_recipes_present():
+    names = {p.name for p in SCALE.glob("*.yaml")}
+    assert {"gpt2xl_to_gpt2.yaml", "gpt2xl_to_gpt2_medium.yaml", "gpt2xl_to_gpt2_large.yaml",
+            "llama2_13b_to_7b.yaml", "llama2_13b_to_7b_lora.yaml"} <= names
