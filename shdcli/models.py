@@ -364,10 +364,14 @@ def _init_attention(s_layer, t_layer, groups, reps, t_shape: ModelShape, s_shape
     t_dim, s_dim = t_shape.head_dim, s_shape.head_dim
     q_index = _head_rows(groups, reps, t_dim, s_dim)
     # Student key/value head m serves query heads m*r .. (m+1)*r-1; it starts from the teacher
-    # key/value head of the first of those heads' representatives.
+    # key/value heads of the first of those query heads' group, its representative's first.
+    # core-tests fix: it used the representative's KV head alone, so a BERT student head of width
+    # 2 d got a concatenated query but a key/value half left at random init; now K/V concatenate
+    # exactly like Q (same head dims, as in Llama: still the representative's KV head alone).
     s_rep, t_rep = s_shape.heads // s_shape.kv_heads, t_shape.heads // t_shape.kv_heads
-    kv_groups = [[reps[m * s_rep] // t_rep] for m in range(s_shape.kv_heads)]
-    kv_index = _head_rows(kv_groups, [g[0] for g in kv_groups], t_dim, s_dim)
+    kv_groups = [list(dict.fromkeys(h // t_rep for h in groups[m * s_rep])) for m in range(s_shape.kv_heads)]
+    kv_reps = [reps[m * s_rep] // t_rep for m in range(s_shape.kv_heads)]
+    kv_index = _head_rows(kv_groups, kv_reps, t_dim, s_dim)
     names = {n: p for n, p in s_layer.named_parameters()}
     handled = set()
     if t_params.fused_qkv is not None:

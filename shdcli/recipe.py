@@ -19,7 +19,8 @@ from shdcli.errors import ShdError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an infinite lr or temperature passes gt=0 but is never meant (core-tests fix).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TeacherSpec(Section):
@@ -157,7 +158,9 @@ def _section_fields(loc: tuple) -> list[str]:
 
 
 def _format_error(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # A misspelt key also makes the real key "missing"; the unknown key is the useful report (core-tests fix).
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
     where = ".".join(str(p) for p in loc) or "recipe"
     kind = err["type"]
@@ -217,6 +220,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ShdError(f"recipe {path}: invalid YAML{where}; fix the syntax") from exc
+    except RecursionError:  # PyYAML parses recursively: thousands of nested brackets (core-tests fix)
+        raise ShdError(f"recipe {path}: YAML nested too deeply; write a flat mapping of sections") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
