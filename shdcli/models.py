@@ -28,6 +28,7 @@ from shdcli.errors import ShdError
 
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
+IMAGE_CLASSIFICATION = "image-classification"  # ViT / DeiT ...ForImageClassification (see vision.py)
 
 
 def cache_dir() -> Path:
@@ -86,6 +87,8 @@ def model_shape(config) -> ModelShape:
 
 def task_of(config) -> str:
     archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForImageClassification", "ForImageClassificationWithTeacher")) for a in archs):
+        return IMAGE_CLASSIFICATION
     if any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
         return CAUSAL_LM
     if not archs and getattr(config, "model_type", "") in {"gpt2", "llama", "mistral", "qwen2", "gemma3_text", "phi3"}:
@@ -150,6 +153,12 @@ def convert_gguf(path: Path, field: str) -> Path:
     return target
 
 
+def _auto_class(task: str):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
+
+    return {CAUSAL_LM: AutoModelForCausalLM, IMAGE_CLASSIFICATION: AutoModelForImageClassification}.get(task, AutoModel)
+
+
 def load_model(
     folder: Path,
     field: str,
@@ -157,8 +166,9 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> tuple[nn.Module, object | None, str]:
-    """Load (model, tokenizer or None, task) from an HF folder; safetensors only unless allow_pickle."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    """Load (model, tokenizer or None, task) from an HF folder; safetensors only unless allow_pickle.
+    Image classifiers come with their image processor in the tokenizer's place (vision.load_processor)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     has_safetensors = any(folder.glob("*.safetensors"))
     has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth"))
@@ -172,7 +182,7 @@ def load_model(
     except (ValueError, OSError, json.JSONDecodeError) as exc:
         raise ShdError(f"{field}: cannot read {folder}/config.json ({str(exc).splitlines()[0]})") from exc
     task = task or task_of(config)
-    cls = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
+    cls = _auto_class(task)
     try:
         model = cls.from_pretrained(
             folder, dtype=torch.float32, use_safetensors=has_safetensors or not allow_pickle,
@@ -180,6 +190,10 @@ def load_model(
         )
     except (ValueError, OSError) as exc:
         raise ShdError(f"{field}: cannot load the model in {folder} ({str(exc).splitlines()[0]})") from exc
+    if task == IMAGE_CLASSIFICATION:
+        from shdcli.vision import load_processor
+
+        return model, load_processor(folder, model.config), task
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -255,6 +269,8 @@ def derive_student_config(teacher_config, layer_pairs: list[tuple[int, int]], he
     if hasattr(config, "num_key_value_heads"):
         config.num_key_value_heads = kv_heads or default_kv_heads(shape, heads)
     if hidden is not None:
+        if getattr(config, "pooler_output_size", None) == shape.hidden:  # ViT/DeiT pooler follows the width
+            config.pooler_output_size = hidden
         config.hidden_size = hidden
     if intermediate is not None:
         if shape.model_type == "gpt2":
@@ -402,9 +418,7 @@ def _init_attention(s_layer, t_layer, groups, reps, t_shape: ModelShape, s_shape
 
 
 def build_student(teacher: nn.Module, config, task: str) -> nn.Module:
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    cls = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
+    cls = _auto_class(task)
     torch_dtype = next(teacher.parameters()).dtype
     model = cls.from_config(config, dtype=torch_dtype)
     return model

@@ -64,10 +64,13 @@ class StudentSpec(Section):
 
 
 class DataSpec(Section):
-    path: str = Field(description="a .txt, .jsonl or .parquet file, a datasets save_to_disk folder, or builtin:pydoc")
+    path: str = Field(description="a .txt, .jsonl or .parquet file, a datasets save_to_disk folder, or builtin:pydoc; "
+                      "images: a root/<class>/<file> folder, a .npz (x, y), a datasets folder, or builtin:digits")
     text_field: str = "text"
     stream: bool = Field(False, description="stream .txt/.jsonl into a memory-mapped token cache (always on for "
                          "parquet and datasets folders): for corpora larger than RAM")
+    image_field: str = Field("image", description="image column of a datasets folder")
+    label_field: str = Field("label", description="label column of a datasets folder")
     seq_len: int = Field(128, ge=2)
     batch_size: int = Field(8, ge=1)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
@@ -109,6 +112,9 @@ class TrainSpec(Section):
 
 
 class Recipe(Section):
+    task: Literal["auto", "causal-lm", "encoder", "image-classification"] = Field(
+        "auto", description="auto: from the teacher config's architectures (*ForCausalLM, *ForImageClassification)"
+    )
     teacher: TeacherSpec
     student: StudentSpec
     data: DataSpec

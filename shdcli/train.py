@@ -20,6 +20,7 @@ from shdcli.losses import causal_lm_loss, embedding_loss, logit_kd_loss, shd_los
 from shdcli.mapping import Plan, layer_pairs, make_plan, plan_table
 from shdcli.models import (
     CAUSAL_LM,
+    IMAGE_CLASSIFICATION,
     build_student,
     count_parameters,
     derive_student_config,
@@ -75,9 +76,10 @@ def pick_device(name: str) -> torch.device:
 def load_teacher(recipe: Recipe) -> tuple[torch.nn.Module, object, str, Path]:
     folder = resolve_source(recipe.teacher.path, "teacher.path")
     teacher, tokenizer, task = load_model(
-        folder, "teacher.path", allow_pickle=recipe.teacher.allow_pickle, trust_remote_code=recipe.teacher.trust_remote_code
+        folder, "teacher.path", task=None if recipe.task == "auto" else recipe.task,
+        allow_pickle=recipe.teacher.allow_pickle, trust_remote_code=recipe.teacher.trust_remote_code
     )
-    if tokenizer is None:
+    if tokenizer is None:  # image classifiers get their image processor here (vision.load_processor)
         raise ShdError(f"teacher.path: {folder} has no tokenizer files; add tokenizer.json (or vocab files) to it")
     return teacher, tokenizer, task, folder
 
@@ -88,7 +90,7 @@ def make_student(recipe: Recipe, teacher: torch.nn.Module, tokenizer, task: str)
     if spec.path is not None:
         folder = resolve_source(spec.path, "student.path")
         student, s_tok, s_task = load_model(folder, "student.path", task=task, allow_pickle=spec.allow_pickle)
-        if s_tok is not None and s_tok.get_vocab() != tokenizer.get_vocab():
+        if hasattr(s_tok, "get_vocab") and s_tok.get_vocab() != tokenizer.get_vocab():
             raise ShdError(
                 "student.path: the student's tokenizer differs from the teacher's; SHD compares attention over the "
                 "same tokens, so give a student that shares the teacher's tokenizer (or derive one: student.from_teacher)"
@@ -146,20 +148,28 @@ def prepare(recipe: Recipe, console: Console) -> Setup:
 
         student = apply_lora(student, recipe.student.lora)
     s_shape = model_shape(student.config)
-    use_logit = recipe.distill.logit > 0 and task == CAUSAL_LM
+    use_logit = recipe.distill.logit > 0 and task in (CAUSAL_LM, IMAGE_CLASSIFICATION)
+    if task == IMAGE_CLASSIFICATION and use_logit and student.config.num_labels != teacher.config.num_labels:
+        raise ShdError(f"distill.logit: teacher has {teacher.config.num_labels} classes, student "
+                       f"{student.config.num_labels}; give a student with the teacher's classes or set distill.logit=0")
     if use_logit and s_shape.vocab != t_shape.vocab:
         raise ShdError(
             f"distill.logit: teacher vocabulary ({t_shape.vocab}) and student vocabulary ({s_shape.vocab}) differ, "
             "so logits cannot be compared; set distill.logit=0 to train without logit KD"
         )
 
-    packed = task == CAUSAL_LM
     world = distributed.info().world
-    with distributed.main_first():  # rank 0 tokenises into the cache, the other ranks then read it
-        train_blocks, val_blocks = load_blocks(recipe.data, tokenizer, packed, recipe.train.seed, world)
-    # Validation batches are global (batch_size * world rows); validate() gives each rank its share.
-    val = eval_batches(val_blocks, recipe.data.batch_size * world, recipe.data.val_batches)
-    val = [b for b in val if len(b["input_ids"]) >= world]  # every rank needs rows (FSDP: every rank runs)
+    if task == IMAGE_CLASSIFICATION:
+        from shdcli.vision import train_val_data
+
+        train_blocks, val = train_val_data(recipe, tokenizer, teacher.config)
+    else:
+        packed = task == CAUSAL_LM
+        with distributed.main_first():  # rank 0 tokenises into the cache, the other ranks then read it
+            train_blocks, val_blocks = load_blocks(recipe.data, tokenizer, packed, recipe.train.seed, world)
+        # Validation batches are global (batch_size * world rows); validate() gives each rank its share.
+        val = eval_batches(val_blocks, recipe.data.batch_size * world, recipe.data.val_batches)
+        val = [b for b in val if len(b["input_ids"]) >= world]  # every rank needs rows (FSDP: every rank runs)
 
     for model in (teacher, student):
         capture.enable(model)
@@ -198,13 +208,18 @@ def teacher_forward(setup: Setup, batch: dict[str, torch.Tensor]):
 def step_losses(setup: Setup, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
     """Total loss (with grad), its parts (detached) and the squeeze weights for one batch."""
     d = setup.recipe.distill
-    mask = batch["attention_mask"]
-    t_out, t_records = teacher_forward(setup, batch)
+    mask = batch.get("attention_mask")  # None for images: no padding, every row (CLS included) counts
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    t_out, t_records = teacher_forward(setup, inputs)
     with setup.student_recorder.active(), autocast(setup):
-        s_out = setup.student(**batch)
+        s_out = setup.student(**inputs)
         s_records = dict(setup.student_recorder.records)
     parts: dict[str, torch.Tensor] = {}
-    if setup.task == CAUSAL_LM:
+    if setup.task == IMAGE_CLASSIFICATION:
+        from shdcli.vision import classification_losses
+
+        parts = classification_losses(s_out.logits, t_out.logits, batch["labels"], setup.use_logit, d.logit_temperature)
+    elif setup.task == CAUSAL_LM:
         parts["task"] = causal_lm_loss(s_out.logits, batch["input_ids"], mask)
         if setup.use_logit:
             parts["logit"] = logit_kd_loss(s_out.logits, t_out.logits, mask, d.logit_temperature)
@@ -213,7 +228,8 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     weights = {}
     if d.shd > 0:
         result = shd_loss(
-            t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases, mask.bool(),
+            t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases,
+            None if mask is None else mask.bool(),
             alpha=d.alpha, kind=d.attn_loss, tau=d.temperature, impl=d.impl, chunk_rows=d.chunk_rows,
         )
         parts["shd"] = result.loss
@@ -232,7 +248,8 @@ def validate(setup: Setup) -> dict[str, float]:
     for batch in setup.val_batches:
         batch = {k: v.to(setup.device) for k, v in distributed.rank_rows(batch).items()}
         total, parts, _ = step_losses(setup, batch)
-        n = float(batch["attention_mask"][:, 1:].sum()) if setup.task == CAUSAL_LM else float(len(batch["input_ids"]))
+        n = float(batch["attention_mask"][:, 1:].sum()) if setup.task == CAUSAL_LM else float(
+            len(next(iter(batch.values()))))
         for k, v in {**parts, "total": total.detach()}.items():
             sums[k] = sums.get(k, 0.0) + float(v) * n
         tokens += n
@@ -242,6 +259,10 @@ def validate(setup: Setup) -> dict[str, float]:
     out = {f"val_{k}": v / max(tokens, 1.0) for k, v in sums.items()}
     if setup.task == CAUSAL_LM:
         out["val_perplexity"] = math.exp(min(out["val_task"], 700.0))
+    if setup.task == IMAGE_CLASSIFICATION:
+        from shdcli.vision import accuracy_metrics
+
+        out["val_top1"] = accuracy_metrics(setup.student, setup.val_batches, setup.device)["top1"]
     return out
 
 
@@ -315,7 +336,12 @@ def run_distillation(recipe: Recipe, console: Console) -> dict:
     console.print(plan_table(setup.plan))
     setup_s = time.perf_counter() - t_start
 
-    stream = BatchStream(setup.train_blocks, recipe.data.batch_size, recipe.train.seed, dist_info.rank, dist_info.world)
+    stream_cls = BatchStream
+    if setup.task == IMAGE_CLASSIFICATION:
+        from shdcli.vision import ImageStream  # same interface over images
+
+        stream_cls = ImageStream
+    stream = stream_cls(setup.train_blocks, recipe.data.batch_size, recipe.train.seed, dist_info.rank, dist_info.world)
     optimizer = make_optimizer(setup.student, recipe)
     scheduler = make_scheduler(optimizer, recipe)
     stats = WeightStats()
@@ -345,7 +371,7 @@ def run_distillation(recipe: Recipe, console: Console) -> dict:
                         parts_sum[name] = parts_sum.get(name, 0.0) + float(value) / recipe.train.grad_accum
                     (total / recipe.train.grad_accum).backward()
                 stats.add(weights)
-                step_tokens += int(batch["attention_mask"].sum())
+                step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
             parts_sum, step_tokens = distributed.reduce_metrics(parts_sum, step_tokens, setup.device)
             tokens_seen += step_tokens
             grad_norm = None
@@ -406,7 +432,13 @@ def _final_eval(setup: Setup, last_val: dict[str, float]) -> dict[str, float]:
     from shdcli.evaluate import embedding_agreement, perplexity
 
     out = dict(last_val)
-    if setup.task == CAUSAL_LM:
+    if setup.task == IMAGE_CLASSIFICATION:
+        from shdcli.vision import accuracy_metrics
+
+        setup.student.eval()
+        for role, model in (("student", setup.student), ("teacher", setup.teacher)):
+            out.update({f"{role}_{k}": v for k, v in accuracy_metrics(model, setup.val_batches, setup.device).items()})
+    elif setup.task == CAUSAL_LM:
         out["teacher_val_perplexity"] = perplexity(setup.teacher, setup.val_batches, setup.device)["perplexity"]
     else:
         setup.student.eval()
