@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from shdcli.errors import ShdError
 
@@ -49,13 +51,33 @@ def distill(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a recipe value: section.key=value (repeatable).")
     ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in output_dir.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace what an earlier run wrote to output_dir.")
+    ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Allow pickled .bin/.pt weights (they can run code; trusted only).")
+    ] = False,
 ) -> None:
     """Distil a teacher into a student with SHD + logit KD + task loss."""
     from shdcli.recipe import load_recipe
+
+    spec = load_recipe(recipe, set_ or [])  # before importing torch: recipe mistakes are reported at once
+    if allow_pickle:
+        spec.teacher.allow_pickle = spec.student.allow_pickle = True
+
+    from shdcli.checkpoint import Interrupted
     from shdcli.train import run_distillation
 
-    spec = load_recipe(recipe, set_ or [])
-    metrics = run_distillation(spec, console)
+    try:
+        metrics = run_distillation(spec, console, resume=resume, overwrite=overwrite)
+    except Interrupted as stop:
+        again = " ".join(["shd", "distill", shlex.quote(str(recipe)), *(f"--set {shlex.quote(s)}" for s in set_ or []),
+                          *(["--allow-pickle"] if allow_pickle else []), "--resume"])
+        err_console.print(escape(f"{stop}; continue with: {again}"), highlight=False, soft_wrap=True)
+        sys.exit(stop.exit_code)
     console.print(f"[green]student written to[/green] {metrics['student_dir']}")
     console.print(f"report: {Path(spec.output_dir) / 'report.md'}   metrics: {Path(spec.output_dir) / 'metrics.json'}")
 
@@ -69,7 +91,8 @@ def main() -> None:
     except ShdError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        one_line = " ".join(str(exc).split("\n"))
+        err_console.print(f"[bold red]error:[/bold red] {escape(one_line)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -86,7 +109,11 @@ def main() -> None:
             sys.exit(130)
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {type(exc).__name__}: {exc} (run with --debug for a traceback)")
+        one_line = " ".join(str(exc).split("\n"))
+        err_console.print(
+            f"[bold red]error:[/bold red] {type(exc).__name__}: {escape(one_line)} (run with --debug for a traceback)",
+            highlight=False, soft_wrap=True,
+        )
         sys.exit(1)
 
 

@@ -9,21 +9,32 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shdcli.errors import ShdError
 
 
+def _clean_path(value: str) -> str:
+    if not value.strip() or "\x00" in value:
+        raise ValueError("must be a non-empty path without NUL characters")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_clean_path)]
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN/inf numbers: lr=.inf would pass gt=0 and wreck the run at step 1.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TeacherSpec(Section):
-    path: str = Field(description="HF folder, .gguf file or pkg://package/path")
+    path: PathText = Field(description="HF folder, .gguf file or pkg://package/path")
     trust_remote_code: bool = False
     allow_pickle: bool = False
 
@@ -38,7 +49,7 @@ class FromTeacher(Section):
 
 
 class StudentSpec(Section):
-    path: str | None = None
+    path: PathText | None = None
     from_teacher: FromTeacher | None = None
     allow_pickle: bool = False
 
@@ -50,7 +61,7 @@ class StudentSpec(Section):
 
 
 class DataSpec(Section):
-    path: str = Field(description="a .txt file, a .jsonl file, or builtin:pydoc")
+    path: PathText = Field(description="a .txt file, a .jsonl file, or builtin:pydoc")
     text_field: str = "text"
     seq_len: int = Field(128, ge=2)
     batch_size: int = Field(8, ge=1)
@@ -87,6 +98,8 @@ class TrainSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    save_every: int = Field(50, ge=1, description="steps between checkpoints (also saved at the end and on Ctrl-C)")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in output_dir/checkpoints")
 
 
 class Recipe(Section):
@@ -95,7 +108,7 @@ class Recipe(Section):
     data: DataSpec
     distill: DistillSpec = DistillSpec()
     train: TrainSpec = TrainSpec()
-    output_dir: str = "runs/shd"
+    output_dir: PathText = "runs/shd"
 
     @field_validator("teacher", mode="before")
     @classmethod
@@ -113,8 +126,10 @@ class Recipe(Section):
     def fingerprint(self) -> str:
         """Hash of everything that defines the run except its length and output place."""
         data = self.resolved()
-        for key in ("max_steps", "eval_every", "log_every", "device", "threads"):
+        for key in ("max_steps", "eval_every", "log_every", "device", "threads", "save_every", "keep_checkpoints"):
             data["train"].pop(key, None)
+        for section in ("teacher", "student"):  # --allow-pickle changes how files load, not the run
+            data[section].pop("allow_pickle", None)
         data.pop("output_dir", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -152,7 +167,8 @@ def _format_error(exc: ValidationError, source: str) -> str:
         return f"{source}: {where} is required; add it to the recipe"
     message = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
-    shown = f" (got {value!r})" if not isinstance(value, dict | list) and value is not None else ""
+    text = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    shown = f" (got {text})" if not isinstance(value, dict | list) and value is not None else ""
     return f"{source}: {where}: {message}{shown}"
 
 
@@ -162,7 +178,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, _, raw = text.partition("=")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except Exception:  # noqa: BLE001 - YAML's constructors raise many types (bad dates: ValueError); keep it text
         value = raw
     return [k for k in key.strip().split(".") if k], value
 
@@ -195,10 +211,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise ShdError(f"recipe {path} is not UTF-8 text; save it as a YAML text file") from exc
+    except OSError as exc:
+        raise ShdError(f"recipe {path}: cannot read it ({exc.strerror}); check the path and its permissions") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ShdError(f"recipe {path}: invalid YAML{where}; fix the syntax") from exc
+        problem = f" ({exc.problem})" if getattr(exc, "problem", None) else ""
+        raise ShdError(f"recipe {path}: invalid YAML{where}{problem}; fix the syntax") from None
+    except Exception as exc:  # noqa: BLE001 - YAML's constructors raise ValueError etc. on bad dates, numbers
+        raise ShdError(f"recipe {path}: invalid YAML value ({str(exc).splitlines()[0]}); fix it or quote it") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -226,7 +247,7 @@ def _relative_to(recipe: Recipe, base: Path) -> Recipe:
         if p is None or p.startswith(("pkg://", "builtin:")) or Path(p).is_absolute():
             return p
         candidate = base / p
-        return str(candidate) if candidate.exists() and not Path(p).exists() else p
+        return str(candidate) if os.path.exists(candidate) and not os.path.exists(p) else p
 
     recipe.teacher.path = fix(recipe.teacher.path)
     if recipe.student.path is not None:
