@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from shdcli.errors import ShdError
 
@@ -49,16 +51,36 @@ def distill(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a recipe value: section.key=value (repeatable).")
     ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in output_dir.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace what an earlier run wrote to output_dir.")
+    ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Allow pickled .bin/.pt weights (they can run code; trusted only).")
+    ] = False,
 ) -> None:
     """Distil a teacher into a student with SHD + logit KD + task loss."""
     from shdcli import distributed
     from shdcli.recipe import load_recipe
+
+    spec = load_recipe(recipe, set_ or [])  # before importing torch: recipe mistakes are reported at once
+    if allow_pickle:
+        spec.teacher.allow_pickle = spec.student.allow_pickle = True
+
+    from shdcli.checkpoint import Interrupted
     from shdcli.train import run_distillation
 
     console.quiet = not distributed.env_info().is_main  # under torchrun only rank 0 talks
-    spec = load_recipe(recipe, set_ or [])
     try:
-        metrics = run_distillation(spec, console)
+        metrics = run_distillation(spec, console, resume=resume, overwrite=overwrite)
+    except Interrupted as stop:
+        distributed.shutdown(clean=False)
+        again = " ".join(["shd", "distill", shlex.quote(str(recipe)), *(f"--set {shlex.quote(s)}" for s in set_ or []),
+                          *(["--allow-pickle"] if allow_pickle else []), "--resume"])
+        err_console.print(escape(f"{stop}; continue with: {again}"), highlight=False, soft_wrap=True)
+        sys.exit(stop.exit_code)
     except BaseException:
         distributed.shutdown(clean=False)  # no final barrier: the other ranks may never reach it
         raise
@@ -76,7 +98,8 @@ def main() -> None:
     except ShdError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        one_line = " ".join(str(exc).split("\n"))
+        err_console.print(f"[bold red]error:[/bold red] {escape(one_line)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -93,7 +116,11 @@ def main() -> None:
             sys.exit(130)
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {type(exc).__name__}: {exc} (run with --debug for a traceback)")
+        one_line = " ".join(str(exc).split("\n"))
+        err_console.print(
+            f"[bold red]error:[/bold red] {type(exc).__name__}: {escape(one_line)} (run with --debug for a traceback)",
+            highlight=False, soft_wrap=True,
+        )
         sys.exit(1)
 
 

@@ -149,7 +149,7 @@ def tokenize(docs: list[str], tokenizer, seq_len: int, packed: bool) -> TokenBlo
             cached.unlink(missing_ok=True)
     blocks = _pack(docs, tokenizer, seq_len) if packed else _per_document(docs, tokenizer, seq_len)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{random.getrandbits(32)}")
+    tmp = cached.with_suffix(f".tmp{random.Random().getrandbits(32)}")  # own RNG: the seeded global stays untouched
     save_file({"input_ids": blocks.input_ids, "attention_mask": blocks.attention_mask}, str(tmp))
     tmp.replace(cached)
     return blocks

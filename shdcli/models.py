@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from shdcli.errors import ShdError
+from shdcli.report import fsync_dir, fsync_tree, make_readable
 
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
@@ -100,7 +100,7 @@ def task_of(config) -> str:
 def resolve_source(spec: str, field: str) -> Path:
     """Turn a recipe's model reference into a local HF folder (converting GGUF once)."""
     path = _resolve_pkg(spec, field) if spec.startswith("pkg://") else Path(spec).expanduser()
-    if not path.exists():
+    if not os.path.exists(path):  # os.path: False (not an exception) for over-long or odd names
         raise ShdError(f"{field}: {spec} does not exist; give an HF folder, a .gguf file or pkg://package/path")
     if path.is_file() and path.suffix == ".gguf":
         return convert_gguf(path, field)
@@ -136,8 +136,14 @@ def convert_gguf(path: Path, field: str) -> Path:
         raise ShdError(f"{field}: {path.name} is a GGUF file; install the extra: pip install 'shd[gguf]'") from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # noqa: BLE001 - a damaged or unsupported GGUF fails in many ways
+        raise ShdError(
+            f"{field}: cannot convert {path} ({_first_line(exc)}); the GGUF file is damaged or of an "
+            "architecture transformers cannot read"
+        ) from None
     # A GGUF-loaded model refuses save_pretrained until its quantizer is detached (weights are float already).
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -177,29 +183,60 @@ def load_model(
             f"{field}: {folder} holds only pickled weights (.bin/.pt), which can run code when loaded; "
             "convert them to safetensors or pass --allow-pickle if you trust the source"
         )
+    if not has_safetensors and not has_pickle:
+        raise ShdError(f"{field}: {folder} has no weights (model.safetensors); point it at a complete model folder")
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, json.JSONDecodeError) as exc:
-        raise ShdError(f"{field}: cannot read {folder}/config.json ({str(exc).splitlines()[0]})") from exc
+    except Exception as exc:  # noqa: BLE001 - any failure here means a bad config.json (or remote code refused)
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            fix = ("set teacher.trust_remote_code: true in the recipe only if you trust that code"
+                   if field.startswith("teacher") else "give a student of an architecture transformers ships")
+            raise ShdError(f"{field}: {folder} needs its own Python code (auto_map in config.json); {fix}") from None
+        raise ShdError(f"{field}: cannot read {folder}/config.json ({_first_line(exc)}); fix or replace it") from None
     task = task or task_of(config)
     cls = _auto_class(task)
     try:
-        model = cls.from_pretrained(
+        model, info = cls.from_pretrained(
             folder, dtype=torch.float32, use_safetensors=has_safetensors or not allow_pickle,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, output_loading_info=True,
         )
-    except (ValueError, OSError) as exc:
-        raise ShdError(f"{field}: cannot load the model in {folder} ({str(exc).splitlines()[0]})") from exc
+    except Exception as exc:  # noqa: BLE001 - damaged files raise SafetensorError, RuntimeError, OSError ...
+        reason = "tensor shapes differ from config.json" if "mismatched_sizes" in str(exc) else _first_line(exc)
+        raise ShdError(
+            f"{field}: cannot load the weights in {folder} ({reason}); the weight files are damaged or do not "
+            "belong to its config.json"
+        ) from None
+    # A missing tensor would silently stay random; only the unused BERT pooler may be absent.
+    missing = sorted(k for k in info.get("missing_keys", ()) if "pooler" not in k)
+    if missing:
+        raise ShdError(
+            f"{field}: the weights in {folder} lack {len(missing)} of the model's tensors (e.g. {missing[0]}); "
+            "the checkpoint is incomplete or of another architecture"
+        )
     if task == IMAGE_CLASSIFICATION:
         from shdcli.vision import load_processor
 
         return model, load_processor(folder, model.config), task
     tokenizer = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (ValueError, OSError, TypeError):
-        tokenizer = None
+    if any((folder / name).exists() for name in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - corrupt tokenizer files raise JSON, tokenizers and OS errors
+            raise ShdError(
+                f"{field}: cannot read the tokenizer in {folder} ({_first_line(exc)}); "
+                "fix or replace its tokenizer files"
+            ) from None
     return model, tokenizer, task
+
+
+# Without one of these, transformers 5 builds an empty tokenizer instead of failing.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tekken.json")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- family table
@@ -436,11 +473,14 @@ def save_model_folder(model: nn.Module, tokenizer, target: Path, extra: dict[str
             tokenizer.save_pretrained(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
+        make_readable(tmp)
+        fsync_tree(tmp)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)
         os.replace(tmp, target)
+        fsync_dir(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -9,22 +9,32 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shdcli.errors import ShdError
 
 
+def _clean_path(value: str) -> str:
+    if not value.strip() or "\x00" in value:
+        raise ValueError("must be a non-empty path without NUL characters")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_clean_path)]
+
+
 class Section(BaseModel):
-    # allow_inf_nan=False: an infinite lr or temperature passes gt=0 but is never meant (core-tests fix).
+    # No NaN/inf numbers: lr=.inf would pass gt=0 and wreck the run at step 1.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TeacherSpec(Section):
-    path: str = Field(description="HF folder, .gguf file or pkg://package/path")
+    path: PathText = Field(description="HF folder, .gguf file or pkg://package/path")
     trust_remote_code: bool = False
     allow_pickle: bool = False
 
@@ -48,7 +58,7 @@ class LoraSpec(Section):
 
 
 class StudentSpec(Section):
-    path: str | None = None
+    path: PathText | None = None
     from_teacher: FromTeacher | None = None
     allow_pickle: bool = False
     lora: LoraSpec | None = Field(None, description="train LoRA adapters on the (frozen) student; needs peft")
@@ -64,8 +74,9 @@ class StudentSpec(Section):
 
 
 class DataSpec(Section):
-    path: str = Field(description="a .txt, .jsonl or .parquet file, a datasets save_to_disk folder, or builtin:pydoc; "
-                      "images: a root/<class>/<file> folder, a .npz (x, y), a datasets folder, or builtin:digits")
+    path: PathText = Field(description="a .txt, .jsonl or .parquet file, a datasets save_to_disk folder, or "
+                           "builtin:pydoc; images: a root/<class>/<file> folder, a .npz (x, y), a datasets folder, or "
+                           "builtin:digits")
     text_field: str = "text"
     stream: bool = Field(False, description="stream .txt/.jsonl into a memory-mapped token cache (always on for "
                          "parquet and datasets folders): for corpora larger than RAM")
@@ -109,6 +120,8 @@ class TrainSpec(Section):
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: ddp (student replicated) or fsdp (student sharded, FSDP2)"
     )
+    save_every: int = Field(50, ge=1, description="steps between checkpoints (also saved at the end and on Ctrl-C)")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in output_dir/checkpoints")
 
 
 class Recipe(Section):
@@ -120,7 +133,7 @@ class Recipe(Section):
     data: DataSpec
     distill: DistillSpec = DistillSpec()
     train: TrainSpec = TrainSpec()
-    output_dir: str = "runs/shd"
+    output_dir: PathText = "runs/shd"
 
     @field_validator("teacher", mode="before")
     @classmethod
@@ -138,8 +151,11 @@ class Recipe(Section):
     def fingerprint(self) -> str:
         """Hash of everything that defines the run except its length and output place."""
         data = self.resolved()
-        for key in ("max_steps", "eval_every", "log_every", "device", "threads", "strategy"):
+        for key in ("max_steps", "eval_every", "log_every", "device", "threads", "strategy", "save_every",
+                    "keep_checkpoints"):
             data["train"].pop(key, None)
+        for section in ("teacher", "student"):  # --allow-pickle changes how files load, not the run
+            data[section].pop("allow_pickle", None)
         data.pop("output_dir", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -179,7 +195,8 @@ def _format_error(exc: ValidationError, source: str) -> str:
         return f"{source}: {where} is required; add it to the recipe"
     message = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
-    shown = f" (got {value!r})" if not isinstance(value, dict | list) and value is not None else ""
+    text = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    shown = f" (got {text})" if not isinstance(value, dict | list) and value is not None else ""
     return f"{source}: {where}: {message}{shown}"
 
 
@@ -189,7 +206,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, _, raw = text.partition("=")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except Exception:  # noqa: BLE001 - YAML's constructors raise many types (bad dates: ValueError); keep it text
         value = raw
     return [k for k in key.strip().split(".") if k], value
 
@@ -222,12 +239,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise ShdError(f"recipe {path} is not UTF-8 text; save it as a YAML text file") from exc
+    except OSError as exc:
+        raise ShdError(f"recipe {path}: cannot read it ({exc.strerror}); check the path and its permissions") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ShdError(f"recipe {path}: invalid YAML{where}; fix the syntax") from exc
-    except RecursionError:  # PyYAML parses recursively: thousands of nested brackets (core-tests fix)
+        problem = f" ({exc.problem})" if getattr(exc, "problem", None) else ""
+        raise ShdError(f"recipe {path}: invalid YAML{where}{problem}; fix the syntax") from None
+    except RecursionError:  # PyYAML parses recursively: thousands of nested brackets
         raise ShdError(f"recipe {path}: YAML nested too deeply; write a flat mapping of sections") from None
+    except Exception as exc:  # noqa: BLE001 - YAML's constructors raise ValueError etc. on bad dates, numbers
+        raise ShdError(f"recipe {path}: invalid YAML value ({str(exc).splitlines()[0]}); fix it or quote it") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -255,7 +277,7 @@ def _relative_to(recipe: Recipe, base: Path) -> Recipe:
         if p is None or p.startswith(("pkg://", "builtin:")) or Path(p).is_absolute():
             return p
         candidate = base / p
-        return str(candidate) if candidate.exists() and not Path(p).exists() else p
+        return str(candidate) if os.path.exists(candidate) and not os.path.exists(p) else p
 
     recipe.teacher.path = fix(recipe.teacher.path)
     if recipe.student.path is not None:

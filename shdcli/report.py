@@ -22,10 +22,50 @@ def write_text_atomic(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        make_readable(Path(tmp))
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(path: Path) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give outputs the permissions a plain open() would."""
+    mask = _umask()
+    for entry in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside folder durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under folder, then the folders themselves (before renaming it into place)."""
+    for entry in sorted(Path(folder).rglob("*"), key=lambda p: -len(p.parts)):
+        if entry.is_file():
+            with open(entry, "rb") as handle:
+                os.fsync(handle.fileno())
+        else:
+            fsync_dir(entry)
+    fsync_dir(Path(folder))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

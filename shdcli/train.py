@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -13,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from shdcli import capture, distributed
+from shdcli import capture, checkpoint, checks, distributed
 from shdcli.data import BatchStream, TokenBlocks, eval_batches, load_blocks
 from shdcli.errors import ShdError
 from shdcli.losses import causal_lm_loss, embedding_loss, logit_kd_loss, shd_loss
@@ -81,6 +82,7 @@ def load_teacher(recipe: Recipe) -> tuple[torch.nn.Module, object, str, Path]:
     )
     if tokenizer is None:  # image classifiers get their image processor here (vision.load_processor)
         raise ShdError(f"teacher.path: {folder} has no tokenizer files; add tokenizer.json (or vocab files) to it")
+    checks.check_tokenizer_fits(tokenizer, model_shape(teacher.config), "teacher.path")
     return teacher, tokenizer, task, folder
 
 
@@ -90,12 +92,8 @@ def make_student(recipe: Recipe, teacher: torch.nn.Module, tokenizer, task: str)
     if spec.path is not None:
         folder = resolve_source(spec.path, "student.path")
         student, s_tok, s_task = load_model(folder, "student.path", task=task, allow_pickle=spec.allow_pickle)
-        if hasattr(s_tok, "get_vocab") and s_tok.get_vocab() != tokenizer.get_vocab():
-            raise ShdError(
-                "student.path: the student's tokenizer differs from the teacher's; SHD compares attention over the "
-                "same tokens, so give a student that shares the teacher's tokenizer (or derive one: student.from_teacher)"
-            )
         s_shape = model_shape(student.config)
+        checks.check_student_fits(t_shape, s_shape, tokenizer, s_tok)
         return student, make_plan(t_shape, s_shape, recipe.distill.layers, recipe.distill.grouping)
     ft = spec.from_teacher
     assert ft is not None
@@ -131,15 +129,13 @@ def prepare(recipe: Recipe, console: Console) -> Setup:
         torch.set_num_threads(recipe.train.threads)
     seed_everything(recipe.train.seed)
     device = distributed.local_device(pick_device(recipe.train.device))
+    if device.type == "cpu":  # a resumed run must end bit-identical to an uninterrupted one
+        torch.use_deterministic_algorithms(True, warn_only=True)
     amp_dtype = torch.bfloat16 if recipe.train.dtype == "bfloat16" else None
 
     teacher, tokenizer, task, _ = load_teacher(recipe)
     t_shape = model_shape(teacher.config)
-    if t_shape.max_positions and recipe.data.seq_len > t_shape.max_positions:
-        raise ShdError(
-            f"data.seq_len: {recipe.data.seq_len} is longer than the teacher's {t_shape.max_positions} positions; "
-            f"set data.seq_len <= {t_shape.max_positions}"
-        )
+    checks.check_positions(recipe.data.seq_len, t_shape, "teacher")
     student, plan = make_student(recipe, teacher, tokenizer, task)
     if recipe.student.lora is not None:
         if recipe.train.strategy == "fsdp" and distributed.env_info().enabled:
@@ -148,6 +144,7 @@ def prepare(recipe: Recipe, console: Console) -> Setup:
 
         student = apply_lora(student, recipe.student.lora)
     s_shape = model_shape(student.config)
+    checks.check_positions(recipe.data.seq_len, s_shape, "student")
     use_logit = recipe.distill.logit > 0 and task in (CAUSAL_LM, IMAGE_CLASSIFICATION)
     if task == IMAGE_CLASSIFICATION and use_logit and student.config.num_labels != teacher.config.num_labels:
         raise ShdError(f"distill.logit: teacher has {teacher.config.num_labels} classes, student "
@@ -325,15 +322,79 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def run_distillation(recipe: Recipe, console: Console) -> dict:
-    """`shd distill`: prepare, train, evaluate, write student/ + metrics.json + report.md."""
+@dataclass
+class RunState:
+    """What the loop accumulates; every checkpoint stores it beside weights, optimizer, data and RNG."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    train_s: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+    stats: WeightStats = field(default_factory=WeightStats)
+
+    def state_dict(self) -> dict:
+        return {"tokens_seen": self.tokens_seen, "train_s": self.train_s, "history": self.history,
+                "validation": self.validation, "alpha_sums": self.stats.sums, "alpha_count": self.stats.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen, self.train_s = state["step"], state["tokens_seen"], state["train_s"]
+        self.history, self.validation = state["history"], state["validation"]
+        self.stats.sums, self.stats.count = state["alpha_sums"], state["alpha_count"]
+
+
+class NonFinite(Exception):
+    """A loss part or the gradient of a step is NaN/inf (raised before the optimizer moves)."""
+
+    def __init__(self, part: str, value: float) -> None:
+        super().__init__(part, value)
+        self.part, self.value = part, value
+
+
+def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple[dict, float, list, int]:
+    """One optimizer step over grad_accum micro-batches -> (mean loss parts, grad norm, squeeze weights, tokens)."""
+    accum, clip = setup.recipe.train.grad_accum, setup.recipe.train.grad_clip
+    optimizer.zero_grad(set_to_none=True)
+    parts_sum: dict[str, float] = {}
+    weights, tokens = [], 0
+    for micro in range(accum):
+        batch = {k: v.to(setup.device) for k, v in stream.next().items()}
+        # forward and backward inside: DDP/FSDP skip the gradient all-reduce until the last micro-step
+        with distributed.grad_sync(setup.student, micro == accum - 1):
+            total, parts, w = step_losses(setup, batch)
+            for name, value in {**parts, "total": total.detach()}.items():
+                value = float(value)
+                if not math.isfinite(value):
+                    raise NonFinite(name, value)
+                parts_sum[name] = parts_sum.get(name, 0.0) + value / accum
+            (total / accum).backward()
+        weights.append(w)
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
+    parts_sum, tokens = distributed.reduce_metrics(parts_sum, tokens, setup.device)
+    # max_norm=inf measures without clipping (the scale factor clamps to exactly 1).
+    grad_norm = distributed.as_float(
+        torch.nn.utils.clip_grad_norm_(setup.student.parameters(), clip if clip > 0 else math.inf)
+    )
+    if not math.isfinite(grad_norm):
+        raise NonFinite("gradient", grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return parts_sum, grad_norm, weights, tokens
+
+
+def run_distillation(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool = False) -> dict:
+    """`shd distill`: prepare, train (from the newest checkpoint with resume), write student/ + metrics + report."""
     t_start = time.perf_counter()
     out_dir = Path(recipe.output_dir)
     dist_info = distributed.init(recipe.train.device)  # no-op outside torchrun
     if not dist_info.is_main:
         console = Console(quiet=True)
+    resume_from = checkpoint.check_output_dir(recipe, resume, overwrite)  # before the slow part: fail fast
     setup = prepare(recipe, console)
     console.print(plan_table(setup.plan))
+    if dist_info.is_main:
+        checkpoint.claim_output_dir(recipe, overwrite)
+    distributed.barrier()
     setup_s = time.perf_counter() - t_start
 
     stream_cls = BatchStream
@@ -344,79 +405,91 @@ def run_distillation(recipe: Recipe, console: Console) -> dict:
     stream = stream_cls(setup.train_blocks, recipe.data.batch_size, recipe.train.seed, dist_info.rank, dist_info.world)
     optimizer = make_optimizer(setup.student, recipe)
     scheduler = make_scheduler(optimizer, recipe)
-    stats = WeightStats()
-    history: list[dict] = []
-    validation: list[dict] = [{"step": 0, **validate(setup)}]
-    console.print("validation at step 0: " + _fmt_losses(validation[-1]))
+    run = RunState()
+    root, fingerprint = checkpoint.checkpoint_root(recipe), recipe.fingerprint()
+    # DDP replicas are identical: rank 0 writes, every rank reads. FSDP2 shards would need a collective
+    # (distributed) checkpoint, which is not implemented: such runs keep only their final student.
+    can_checkpoint = not distributed.is_sharded(setup.student)
+    if resume_from is not None and not can_checkpoint:
+        raise ShdError("--resume: checkpoints are not supported with train.strategy=fsdp; use ddp to resume runs")
 
-    tokens_seen = 0
-    t_train = time.perf_counter()
-    with _progress(console) as progress:
-        task_id = progress.add_task("distill", total=recipe.train.max_steps, losses="", speed="")
-        for step in range(1, recipe.train.max_steps + 1):
-            optimizer.zero_grad(set_to_none=True)
-            parts_sum: dict[str, float] = {}
-            step_tokens = 0
-            for micro in range(recipe.train.grad_accum):
-                batch = {k: v.to(setup.device) for k, v in stream.next().items()}
-                # forward and backward inside: DDP/FSDP skip the gradient all-reduce until the last micro-step
-                with distributed.grad_sync(setup.student, micro == recipe.train.grad_accum - 1):
-                    total, parts, weights = step_losses(setup, batch)
-                    for name, value in {**parts, "total": total.detach()}.items():
-                        if not torch.isfinite(value):
-                            raise ShdError(
-                                f"loss part {name!r} became {float(value)} at step {step}; lower train.lr or "
-                                "distill weights (the student in output_dir was not overwritten)"
-                            )
-                        parts_sum[name] = parts_sum.get(name, 0.0) + float(value) / recipe.train.grad_accum
-                    (total / recipe.train.grad_accum).backward()
-                stats.add(weights)
-                step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
-            parts_sum, step_tokens = distributed.reduce_metrics(parts_sum, step_tokens, setup.device)
-            tokens_seen += step_tokens
-            grad_norm = None
-            if recipe.train.grad_clip > 0:
-                grad_norm = distributed.as_float(
-                    torch.nn.utils.clip_grad_norm_(setup.student.parameters(), recipe.train.grad_clip)
-                )
-            optimizer.step()
-            scheduler.step()
-            elapsed = time.perf_counter() - t_train
-            record = {"step": step, **parts_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "time_s": elapsed}
-            history.append(record)
-            progress.update(task_id, advance=1, losses=_fmt_losses(parts_sum), speed=f"{tokens_seen / elapsed:.0f} tok/s")
-            if step % recipe.train.eval_every == 0 or step == recipe.train.max_steps:
-                validation.append({"step": step, **validate(setup)})
-                progress.console.print(f"validation at step {step}: " + _fmt_losses(validation[-1]))
-    train_s = time.perf_counter() - t_train
+    def save(where: dict | None = None) -> Path | None:
+        where = where or checkpoint.position(stream)
+        folder = None
+        if can_checkpoint and dist_info.is_main:
+            folder = checkpoint.save(root, run.step, fingerprint, distributed.unwrap(setup.student), optimizer,
+                                     scheduler, where, run.state_dict(), recipe.train.keep_checkpoints)
+        distributed.barrier()
+        return folder
+
+    if resume_from is not None:  # the one place a run is restored
+        run.load_state_dict(checkpoint.load(resume_from, fingerprint, distributed.unwrap(setup.student), optimizer,
+                                            scheduler, stream))
+        console.print(f"resumed from {resume_from} (step {run.step} of {recipe.train.max_steps})")
+    else:
+        if resume:
+            console.print(f"nothing to resume in {out_dir}: starting at step 0")
+        run.validation.append({"step": 0, **validate(setup)})
+        console.print("validation at step 0: " + _fmt_losses(run.validation[-1]))
+
+    t_train, train_s_before = time.perf_counter(), run.train_s
+    max_steps = recipe.train.max_steps
+    with checkpoint.StopOnSignal() as stop, _progress(console) as progress:
+        task_id = progress.add_task("distill", total=max_steps, completed=run.step, losses="", speed="")
+        while run.step < max_steps:
+            before = checkpoint.position(stream)  # the state to save if this step goes bad
+            try:
+                parts, grad_norm, weights, tokens = train_step(setup, stream, optimizer, scheduler)
+            except NonFinite as bad:
+                folder = save(before)
+                where = "the gradient" if bad.part == "gradient" else f"loss part {bad.part!r}"
+                raise ShdError(
+                    f"{where} became {bad.value} at step {run.step + 1}; stopped and saved the last good state "
+                    f"(step {run.step}) to {folder}; lower train.lr (now {recipe.train.lr:g}) or the distill "
+                    "weights, then run again with --overwrite"
+                ) from None
+            run.step += 1
+            run.tokens_seen += tokens
+            for w in weights:
+                run.stats.add(w)
+            run.train_s = train_s_before + time.perf_counter() - t_train
+            run.history.append({"step": run.step, **parts, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                "time_s": run.train_s})
+            progress.update(task_id, advance=1, losses=_fmt_losses(parts),
+                            speed=f"{run.tokens_seen / max(run.train_s, 1e-9):.0f} tok/s")
+            if run.step % recipe.train.eval_every == 0 or run.step == max_steps:
+                run.validation.append({"step": run.step, **validate(setup)})
+                progress.console.print(f"validation at step {run.step}: " + _fmt_losses(run.validation[-1]))
+            if run.step % recipe.train.save_every == 0 or run.step == max_steps or stop.signum is not None:
+                folder = save()
+            if stop.signum is not None:
+                raise checkpoint.Interrupted(stop.signum, run.step, folder)
 
     student_dir = out_dir / "student"
     plan_dict = setup.plan.to_dict()
-    import json
-
+    extra = {"shd_plan.json": json.dumps(plan_dict, indent=2)}
     to_save = distributed.model_for_saving(setup.student)  # collective under FSDP; None off rank 0
     if to_save is not None and recipe.student.lora is not None:
         from shdcli.lora import save_lora_student  # merged student + lora/adapter + lora/base
 
-        save_lora_student(to_save, setup.tokenizer, student_dir, {"shd_plan.json": json.dumps(plan_dict, indent=2)})
+        save_lora_student(to_save, setup.tokenizer, student_dir, extra)
     elif to_save is not None:
-        save_model_folder(to_save, setup.tokenizer, student_dir, {"shd_plan.json": json.dumps(plan_dict, indent=2)})
-    final = _final_eval(setup, validation[-1])
+        save_model_folder(to_save, setup.tokenizer, student_dir, extra)
+    final = _final_eval(setup, run.validation[-1])
     metrics = {
         "recipe": recipe.resolved(),
         "plan": plan_dict,
         "student_dir": str(student_dir),
-        "steps_done": recipe.train.max_steps,
-        "history": history,
-        "validation": validation,
+        "steps_done": run.step,
+        "history": run.history,
+        "validation": run.validation,
         "final_eval": final,
-        "alphas": stats.summary(),
+        "alphas": run.stats.summary(),
         "sizes": {"teacher_params": count_parameters(setup.teacher),
                   "student_params": count_parameters(setup.student),
                   "student_trainable_params": sum(p.numel() for p in setup.student.parameters() if p.requires_grad)},
-        "timings": {"setup_s": setup_s, "train_s": train_s, "tokens_per_s": tokens_seen / max(train_s, 1e-9),
-                    "total_s": time.perf_counter() - t_start},
+        "timings": {"setup_s": setup_s, "train_s": run.train_s,
+                    "tokens_per_s": run.tokens_seen / max(run.train_s, 1e-9), "total_s": time.perf_counter() - t_start},
         "device": str(setup.device),
         "distributed": {"world_size": dist_info.world,
                         "strategy": recipe.train.strategy if dist_info.enabled else None},

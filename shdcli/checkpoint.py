@@ -1,0 +1,356 @@
+"""Crash-safe checkpoints, resume, and who owns an output folder.
+
+A checkpoint is a folder output_dir/checkpoints/step-00000050/ holding
+  student.safetensors   the student's weights
+  state.safetensors     every other tensor: AdamW moments, RNG states, squeeze-weight sums
+  state.json            everything else: step, optimizer/scheduler hyper-state, data position,
+                        history/validation so far (tensors referenced by name)
+It is built under a hidden temporary name beside its final name, every file fsynced, then renamed
+in one step: a folder named step-N is always complete, a crash leaves at worst a hidden `.tmp`
+folder, which resume ignores and the next save sweeps away. Nothing is pickled: tensors go to
+safetensors, the rest to JSON (tuples and non-string dict keys are tagged so they come back exact).
+
+Resuming restores weights, optimizer, scheduler, data position and the python/torch/cuda RNG
+states, so on CPU a resumed run ends bit-identical to an uninterrupted one.
+
+output_dir/run.json records the recipe fingerprint of the run that owns the folder; a different
+recipe may not write there unless --overwrite, and the same recipe must say --resume or --overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from shdcli.errors import ShdError
+from shdcli.recipe import Recipe
+from shdcli.report import fsync_dir, fsync_tree, make_readable, write_json_atomic
+
+FORMAT = 1
+CHECKPOINTS = "checkpoints"
+RUN_INFO = "run.json"
+# What `shd distill` writes into output_dir; --overwrite removes exactly these (and hidden leftovers).
+RUN_FILES = (RUN_INFO, CHECKPOINTS, "student", "metrics.json", "report.md")
+_NAME = re.compile(r"^step-(\d{8})$")
+_FILES = ("student.safetensors", "state.safetensors", "state.json")
+
+
+# --------------------------------------------------------------------------- tensors <-> JSON
+def encode(obj: Any, tensors: dict[str, torch.Tensor], memo: dict[int, str] | None = None) -> Any:
+    """A JSON-able copy of obj with every tensor moved into `tensors` (referenced by key)."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:  # the same tensor object twice is stored once and comes back shared
+            memo[id(obj)] = key = f"t{len(tensors)}"
+            tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": memo[id(obj)]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode(v, tensors, memo) for v in obj]}
+    if isinstance(obj, list):
+        return [encode(v, tensors, memo) for v in obj]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: encode(v, tensors, memo) for k, v in obj.items()}
+        return {"__items__": [[encode(k, tensors, memo), encode(v, tensors, memo)] for k, v in obj.items()]}
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
+
+
+def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(decode(v, tensors) for v in obj["__tuple__"])
+        if "__items__" in obj:
+            return {decode(k, tensors): decode(v, tensors) for k, v in obj["__items__"]}
+        return {k: decode(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------- RNG and data position
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+
+
+def position(stream) -> dict:
+    """Where the run stands between steps: the data stream's position and every RNG state."""
+    return {"data": stream.state_dict(), "rng": rng_state()}
+
+
+# --------------------------------------------------------------------------- save / find / load
+def checkpoint_root(recipe: Recipe) -> Path:
+    return Path(recipe.output_dir) / CHECKPOINTS
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first; hidden temporary folders are skipped."""
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _NAME.match(entry.name)
+        if match and entry.is_dir() and all((entry / f).is_file() for f in _FILES):
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def _remove(folder: Path) -> None:
+    """Delete a folder so that it never looks like a complete checkpoint halfway through."""
+    trash = folder.parent / f".trash-{folder.name}-{os.getpid()}"
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _sweep(root: Path) -> None:
+    """Remove leftovers of interrupted saves and deletions (hidden folders only)."""
+    for entry in root.iterdir():
+        if entry.name.startswith((".step-", ".trash-")):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def save(root: Path, step: int, fingerprint: str, student: torch.nn.Module, optimizer, scheduler,
+         where: dict, run: dict, keep: int) -> Path:
+    """Write checkpoint step-<step> atomically, then keep only the newest `keep` checkpoints.
+
+    where: position() taken at the moment the checkpoint describes (after `step` steps);
+    run: the loop's accumulated metrics (JSON-able plus tensors).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    _sweep(root)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
+    try:
+        save_model(student, str(tmp / "student.safetensors"))
+        tensors: dict[str, torch.Tensor] = {}
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "fingerprint": fingerprint,
+            "optimizer": encode(optimizer.state_dict(), tensors),
+            "scheduler": encode(scheduler.state_dict(), tensors),
+            "position": encode(where, tensors),
+            "run": encode(run, tensors),
+        }
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+        make_readable(tmp)
+        fsync_tree(tmp)
+        if final.exists():  # re-saving a step (e.g. the last good step after a resume): replace it
+            _remove(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old in complete_checkpoints(root)[:-keep]:
+        _remove(old)
+    return final
+
+
+def load(folder: Path, fingerprint: str, student: torch.nn.Module, optimizer, scheduler, stream) -> dict:
+    """Restore weights, optimizer, scheduler, data position and RNG from a checkpoint; return its run dict."""
+    try:
+        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / "state.safetensors"))
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
+    except Exception as exc:
+        raise ShdError(
+            f"checkpoint {folder} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "delete that folder to resume from the previous checkpoint"
+        ) from None
+    if meta["fingerprint"] != fingerprint:
+        raise ShdError(
+            f"checkpoint {folder} belongs to a different recipe; resume with the recipe that wrote it "
+            "or pass --overwrite to start over"
+        )
+    try:
+        load_model(student, str(folder / "student.safetensors"), strict=True)
+        optimizer.load_state_dict(_retuple(decode(meta["optimizer"], tensors), optimizer.state_dict()))
+        scheduler.load_state_dict(decode(meta["scheduler"], tensors))
+    except Exception as exc:
+        raise ShdError(
+            f"checkpoint {folder} does not fit this student ({str(exc).splitlines()[0]}); "
+            "delete that folder or pass --overwrite to start over"
+        ) from None
+    where = decode(meta["position"], tensors)
+    stream.load_state_dict(where["data"])
+    set_rng_state(where["rng"])
+    run = decode(meta["run"], tensors)
+    run["step"] = int(meta["step"])
+    return run
+
+
+def _retuple(saved: dict, current: dict) -> dict:
+    """Optimizer hyper-parameters saved as JSON: give back tuples (betas) where the optimizer uses them."""
+    for group, now in zip(saved["param_groups"], current["param_groups"]):
+        for key, value in now.items():
+            if isinstance(value, tuple) and isinstance(group.get(key), list):
+                group[key] = tuple(group[key])
+    return saved
+
+
+# --------------------------------------------------------------------------- output folder ownership
+def read_run_info(out_dir: Path) -> dict | None:
+    try:
+        info = json.loads((out_dir / RUN_INFO).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return out
+
+
+def check_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
+    """Decide, before anything is loaded, whether this run may use output_dir; read-only.
+
+    Returns the checkpoint to resume from (None: start at step 0).
+    """
+    out_dir = Path(recipe.output_dir)
+    if resume and overwrite:
+        raise ShdError("--resume and --overwrite contradict each other; pass one of them")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ShdError(f"output_dir: {out_dir} is a file; set output_dir to a folder")
+    try:
+        if not out_dir.exists() or not any(out_dir.iterdir()) or overwrite:
+            return None
+    except OSError as exc:
+        raise ShdError(f"output_dir: cannot read {out_dir} ({exc.strerror}); choose a folder you can write") from None
+    info = read_run_info(out_dir)
+    if info is None:
+        raise ShdError(
+            f"output_dir: {out_dir} is not empty and was not written by shd; choose another output_dir "
+            "or pass --overwrite to write into it anyway"
+        )
+    if info.get("fingerprint") != recipe.fingerprint():
+        changed = _changed_keys(info.get("recipe") or {}, _fingerprinted(recipe))
+        what = f" (changed: {'; '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})" if changed else ""
+        raise ShdError(
+            f"output_dir: {out_dir} holds a run of a different recipe{what}; choose another output_dir "
+            "or pass --overwrite to replace that run"
+        )
+    found = latest(checkpoint_root(recipe))
+    if not resume:
+        where = f"its newest checkpoint is {found.name}" if found else "it has no checkpoint yet"
+        raise ShdError(
+            f"output_dir: {out_dir} already holds a run of this recipe ({where}); pass --resume to continue it "
+            "or --overwrite to start over"
+        )
+    if found is not None:
+        step = int(_NAME.match(found.name).group(1))
+        if step > recipe.train.max_steps:
+            raise ShdError(
+                f"train.max_steps: {recipe.train.max_steps} is below the newest checkpoint's step {step}; "
+                f"set train.max_steps >= {step} to resume"
+            )
+    return found
+
+
+def claim_output_dir(recipe: Recipe, overwrite: bool) -> None:
+    """After the run is set up: clear what an earlier run wrote (--overwrite) and record this recipe."""
+    out_dir = Path(recipe.output_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ShdError(f"output_dir: cannot create {out_dir} ({exc.strerror}); choose a writable folder") from None
+    if overwrite:
+        for entry in list(out_dir.iterdir()):
+            if entry.name in RUN_FILES or entry.name.startswith(tuple(f".{name}." for name in RUN_FILES)):
+                if entry.is_dir():
+                    _remove(entry)
+                else:
+                    entry.unlink()
+    if (out_dir / RUN_INFO).exists():
+        return
+    write_json_atomic(out_dir / RUN_INFO, {"fingerprint": recipe.fingerprint(), "recipe": _fingerprinted(recipe)})
+
+
+def _fingerprinted(recipe: Recipe) -> dict:
+    """The resolved recipe as the fingerprint sees it (for telling the user what changed)."""
+    data = recipe.resolved()
+    data.pop("output_dir", None)
+    return data
+
+
+# --------------------------------------------------------------------------- stopping on signals
+class Interrupted(Exception):
+    """The run stopped on SIGINT/SIGTERM after saving a checkpoint (not an error)."""
+
+    def __init__(self, signum: int, step: int, folder: Path) -> None:
+        self.signum, self.step, self.folder = signum, step, folder
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved to {folder}")
+
+
+class StopOnSignal:
+    """While active, SIGINT/SIGTERM only set `signum`; the loop saves at the end of the step and stops.
+
+    A second signal gets the default behaviour back (Ctrl-C twice aborts at once).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                    "(send it again to stop at once)\n".encode())
+
+    def __enter__(self) -> StopOnSignal:
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: signals stay as they were
+            self._previous = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.signum is None:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
