@@ -91,8 +91,14 @@ def test_two_gloo_ranks_match_one_process(tmp_path, no_dropout_gpt2, strategy, a
     # rank 0 alone printed the plan and the result line
     assert proc.stdout.count("student written to") == 1
     _same_student(tmp_path / "one" / "student", tmp_path / "two" / "student")
-    # rank 0 alone wrote: no stray temporary folders beside the outputs
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["metrics.json", "report.md", "student"]
+    # rank 0 alone wrote: no stray temporary folders beside the outputs. DDP runs checkpoint (rank 0
+    # writes, every rank can resume); FSDP runs keep only the final student.
+    expected = ["metrics.json", "report.md", "run.json", "student"]
+    if strategy == "ddp":
+        expected = ["checkpoints", *expected]
+        steps = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
+        assert steps and all(name.startswith("step-") for name in steps), steps
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == expected
 
 
 def test_rank_slices_concatenate_to_the_global_batch():

@@ -216,7 +216,7 @@ CASES: dict[str, Callable[[Ctx], tuple[list[str], tuple[str, ...]]]] = {
     "data missing": lambda c: (["distill", c.write(c.recipe(data={"path": str(c.tmp / "none.txt")}))],
                                ("data.path", "none.txt does not exist")),
     "data is a folder": lambda c: (["distill", c.write(c.recipe(data={"path": str(c.tmp)}))],
-                                   ("data.path", "is a folder")),
+                                   ("data.path", "folder", "give a .txt/.jsonl/.parquet file")),
     "data binary": lambda c: (["distill", c.write(c.recipe(data={"path": c.file("d.txt", bytes(range(256)) * 8)}))],
                               ("data.path", "is not a text file")),
     "data not UTF-8": lambda c: (
