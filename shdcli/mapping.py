@@ -51,9 +51,10 @@ class Plan:
     groups: list[list[list[int]]]  # groups[i][j]: teacher heads squeezed into student head j of pair i
     grouping: str
     representatives: list[list[int]] = field(default_factory=list)  # teacher head a student head starts from
+    calibration: list[dict] = field(default_factory=list)  # per pair: calibrated vs contiguous error (grouping.py)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "teacher": asdict(self.teacher),
             "student": asdict(self.student),
             "layers": [list(p) for p in self.pairs],
@@ -61,6 +62,9 @@ class Plan:
             "grouping": self.grouping,
             "representatives": self.representatives,
         }
+        if self.calibration:
+            out["calibration"] = self.calibration
+        return out
 
 
 def make_plan(teacher: ModelShape, student: ModelShape, layers_spec, grouping: str) -> Plan:
@@ -91,6 +95,16 @@ def plan_table(plan: Plan) -> Table:
     table.add_column("student layer", justify="right")
     table.add_column("teacher layer", justify="right")
     table.add_column("student head j <- teacher heads")
-    for (si, ti), groups in zip(plan.pairs, plan.groups):
-        table.add_row(str(si), str(ti), "  ".join(f"{j}<-{format_groups([g])}" for j, g in enumerate(groups)))
+    if plan.calibration:
+        table.add_column("squeeze error (contiguous)", justify="right")
+        table.caption = "* representative: the teacher head a student head starts from"
+    for i, ((si, ti), groups) in enumerate(zip(plan.pairs, plan.groups)):
+        row = [str(si), str(ti), "  ".join(f"{j}<-{format_groups([g])}" for j, g in enumerate(groups))]
+        if plan.calibration:  # calibrated: mark the head each student head starts from
+            reps = plan.representatives[i]
+            marked = [",".join(f"{h}*" if h == reps[j] else str(h) for h in g) for j, g in enumerate(groups)]
+            row[2] = "  ".join(f"{j}<-{{{m}}}" for j, m in enumerate(marked))
+            cal = plan.calibration[i]
+            row.append(f"{cal['error']:.3f} ({cal['contiguous_error']:.3f})")
+        table.add_row(*row)
     return table

@@ -91,8 +91,8 @@ class DataSpec(Section):
 
 class DistillSpec(Section):
     layers: Literal["auto", "last"] | list[tuple[int, int]] = "auto"
-    grouping: Literal["balanced", "pairs"] = "balanced"
-    calibration_batches: int = Field(8, ge=1)
+    grouping: Literal["balanced", "pairs", "calibrated"] = "balanced"
+    calibration_batches: int = Field(8, ge=1, description="training batches the teacher sees to calibrate grouping")
     alpha: Literal["lsq", "mean", "select"] = "lsq"
     attn_loss: Literal["kl", "mse", "cosine"] = "kl"
     temperature: float = Field(1.0, gt=0.0)

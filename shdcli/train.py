@@ -6,6 +6,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shdcli import capture, checkpoint, checks, distributed
 from shdcli.data import BatchStream, TokenBlocks, eval_batches, load_blocks
 from shdcli.errors import ShdError
+from shdcli.grouping import calibrate_plan
 from shdcli.losses import causal_lm_loss, embedding_loss, logit_kd_loss, shd_loss
 from shdcli.mapping import Plan, layer_pairs, make_plan, plan_table
 from shdcli.models import (
@@ -86,7 +88,11 @@ def load_teacher(recipe: Recipe) -> tuple[torch.nn.Module, object, str, Path]:
     return teacher, tokenizer, task, folder
 
 
-def make_student(recipe: Recipe, teacher: torch.nn.Module, tokenizer, task: str) -> tuple[torch.nn.Module, Plan]:
+def make_student(
+    recipe: Recipe, teacher: torch.nn.Module, tokenizer, task: str, calibrate: Callable[[Plan], object] | None = None
+) -> tuple[torch.nn.Module, Plan]:
+    """Load or derive the student and make the plan; `calibrate(plan)` (calibrated grouping) may
+    rewrite the plan's groups before a derived student is initialised from them."""
     t_shape = model_shape(teacher.config)
     spec = recipe.student
     if spec.path is not None:
@@ -94,7 +100,10 @@ def make_student(recipe: Recipe, teacher: torch.nn.Module, tokenizer, task: str)
         student, s_tok, s_task = load_model(folder, "student.path", task=task, allow_pickle=spec.allow_pickle)
         s_shape = model_shape(student.config)
         checks.check_student_fits(t_shape, s_shape, tokenizer, s_tok)
-        return student, make_plan(t_shape, s_shape, recipe.distill.layers, recipe.distill.grouping)
+        plan = make_plan(t_shape, s_shape, recipe.distill.layers, recipe.distill.grouping)
+        if calibrate is not None:
+            calibrate(plan)
+        return student, plan
     ft = spec.from_teacher
     assert ft is not None
     layers = ft.layers or t_shape.layers
@@ -115,11 +124,15 @@ def make_student(recipe: Recipe, teacher: torch.nn.Module, tokenizer, task: str)
     config = derive_student_config(teacher.config, init_pairs, heads, ft.kv_heads, ft.hidden_size, ft.intermediate_size)
     student = build_student(teacher, config, task)
     plan = make_plan(t_shape, model_shape(student.config), recipe.distill.layers, recipe.distill.grouping)
+    if calibrate is not None:
+        calibrate(plan)
     if ft.init == "teacher":
-        by_layer = {s: (g, r) for (s, _), g, r in zip(plan.pairs, plan.groups, plan.representatives)}
+        # A student layer initialised from the very teacher layer it distils from takes that pair's
+        # groups and representatives (student head j starts from its own group); others stay balanced.
+        by_pair = {p: (g, r) for p, g, r in zip(plan.pairs, plan.groups, plan.representatives)}
         base = group_heads(t_shape.heads, heads, "balanced")
-        groups = [by_layer.get(s, (base, None))[0] for s, _ in init_pairs]
-        reps = [by_layer.get(s, (None, [g[0] for g in base]))[1] for s, _ in init_pairs]
+        groups = [by_pair.get(p, (base, None))[0] for p in init_pairs]
+        reps = [by_pair.get(p, (None, [g[0] for g in base]))[1] for p in init_pairs]
         init_student_from_teacher(student, teacher, init_pairs, groups, reps)
     return student, plan
 
@@ -136,7 +149,28 @@ def prepare(recipe: Recipe, console: Console) -> Setup:
     teacher, tokenizer, task, _ = load_teacher(recipe)
     t_shape = model_shape(teacher.config)
     checks.check_positions(recipe.data.seq_len, t_shape, "teacher")
-    student, plan = make_student(recipe, teacher, tokenizer, task)
+
+    world = distributed.info().world
+    if task == IMAGE_CLASSIFICATION:
+        from shdcli.vision import train_val_data
+
+        train_blocks, val = train_val_data(recipe, tokenizer, teacher.config)
+    else:
+        packed = task == CAUSAL_LM
+        with distributed.main_first():  # rank 0 tokenises into the cache, the other ranks then read it
+            train_blocks, val_blocks = load_blocks(recipe.data, tokenizer, packed, recipe.train.seed, world)
+        # Validation batches are global (batch_size * world rows); validate() gives each rank its share.
+        val = eval_batches(val_blocks, recipe.data.batch_size * world, recipe.data.val_batches)
+        val = [b for b in val if len(b["input_ids"]) >= world]  # every rank needs rows (FSDP: every rank runs)
+
+    calibrate = None
+    if recipe.distill.grouping == "calibrated":
+        def calibrate(plan: Plan) -> None:
+            batches = calibration_batches(train_blocks, recipe)
+            console.print(f"calibrating head groups on {sum(len(b['input_ids']) for b in batches)} training samples")
+            calibrate_plan(plan, teacher, batches, device, recipe.distill.alpha, recipe.distill.temperature,
+                           recipe.train.seed)
+    student, plan = make_student(recipe, teacher, tokenizer, task, calibrate)
     if recipe.student.lora is not None:
         if recipe.train.strategy == "fsdp" and distributed.env_info().enabled:
             raise ShdError("student.lora: LoRA students train with train.strategy=ddp (adapters are small); set it")
@@ -155,19 +189,6 @@ def prepare(recipe: Recipe, console: Console) -> Setup:
             "so logits cannot be compared; set distill.logit=0 to train without logit KD"
         )
 
-    world = distributed.info().world
-    if task == IMAGE_CLASSIFICATION:
-        from shdcli.vision import train_val_data
-
-        train_blocks, val = train_val_data(recipe, tokenizer, teacher.config)
-    else:
-        packed = task == CAUSAL_LM
-        with distributed.main_first():  # rank 0 tokenises into the cache, the other ranks then read it
-            train_blocks, val_blocks = load_blocks(recipe.data, tokenizer, packed, recipe.train.seed, world)
-        # Validation batches are global (batch_size * world rows); validate() gives each rank its share.
-        val = eval_batches(val_blocks, recipe.data.batch_size * world, recipe.data.val_batches)
-        val = [b for b in val if len(b["input_ids"]) >= world]  # every rank needs rows (FSDP: every rank runs)
-
     for model in (teacher, student):
         capture.enable(model)
     teacher.eval().requires_grad_(False)
@@ -178,6 +199,13 @@ def prepare(recipe: Recipe, console: Console) -> Setup:
     student = distributed.wrap_student(student, recipe.train.strategy, device, amp_dtype, encoder=task != CAUSAL_LM)
     bases = feature_bases(teacher, plan)
     return Setup(recipe, device, amp_dtype, teacher, student, tokenizer, task, plan, bases, train_blocks, val, use_logit)
+
+
+def calibration_batches(blocks: TokenBlocks, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
+    """The first distill.calibration_batches training batches (a fixed, seeded draw; never validation)."""
+    stream = BatchStream(blocks, recipe.data.batch_size, recipe.train.seed)
+    n = min(recipe.distill.calibration_batches, math.ceil(len(blocks) / recipe.data.batch_size))
+    return [stream.next() for _ in range(max(1, n))]
 
 
 def feature_bases(teacher: torch.nn.Module, plan: Plan) -> dict[int, list[torch.Tensor] | None]:
