@@ -132,3 +132,50 @@ def test_bad_torchrun_environment_is_a_user_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ShdError, match="RANK"):
         distributed.env_info()
+
+
+def test_two_rank_run_resumes_and_changes_world_size(no_dropout_gpt2, tmp_path):
+    """A 2-rank DDP run resumed from its mid-run checkpoint ends where the uninterrupted run ended;
+    the same checkpoint also resumes in a single process (another world size) and finishes."""
+    import shutil
+
+    text = write_text(tmp_path / "train.txt")
+    recipe = _recipe(tmp_path, no_dropout_gpt2, text, "run", 2, save_every=2, keep_checkpoints=3)
+    proc = _torchrun(recipe)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "run"
+    full = json.loads((out / "metrics.json").read_text())
+    shutil.copytree(out / "student", tmp_path / "uninterrupted")
+    mid = out / "checkpoints" / "step-00000002"
+    assert mid.is_dir()
+    shutil.copytree(out, tmp_path / "backup")  # for the single-process resume below
+
+    # Lose everything after step 2, as a crash would, then resume on 2 ranks.
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    for name in ("student", "metrics.json", "report.md"):
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "shdcli", "distill", str(recipe), "--resume"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    resumed = json.loads((out / "metrics.json").read_text())
+    _assert_same_run(full, resumed)
+    _same_student(tmp_path / "uninterrupted", out / "student")
+
+    # The 2-rank checkpoint resumes in one process too (global batch halves; the run completes).
+    backup = tmp_path / "backup"
+    shutil.rmtree(backup / "checkpoints" / "step-00000004")
+    text_recipe = yaml.safe_load(recipe.read_text())
+    text_recipe["output_dir"] = str(backup)
+    single = tmp_path / "single.yaml"
+    single.write_text(yaml.safe_dump(text_recipe))
+    from tests.conftest import run_cli
+
+    result = run_cli("distill", str(single), "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((backup / "metrics.json").read_text())
+    assert metrics["steps_done"] == 4 and metrics["distributed"]["world_size"] == 1
+    assert [h["step"] for h in metrics["history"]] == [1, 2, 3, 4]
