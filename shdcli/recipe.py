@@ -95,6 +95,8 @@ class DistillSpec(Section):
     calibration_batches: int = Field(8, ge=1, description="training batches the teacher sees to calibrate grouping")
     alpha: Literal["lsq", "mean", "select"] = "lsq"
     attn_loss: Literal["kl", "mse", "cosine"] = "kl"
+    # squeeze: SHD. projector / score_mean: the baselines of benchmarks/quality.py (see shdcli/baselines.py).
+    target: Literal["squeeze", "projector", "score_mean"] = "squeeze"
     temperature: float = Field(1.0, gt=0.0)
     logit_temperature: float = Field(2.0, gt=0.0)
     task: float = Field(1.0, ge=0.0)

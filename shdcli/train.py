@@ -55,6 +55,10 @@ class Setup:
     train_blocks: TokenBlocks
     val_batches: list[dict[str, torch.Tensor]]
     use_logit: bool
+    # distill.target=projector: the trainable head-mixing matrices (baselines.py), dropped after training.
+    projector: torch.nn.Module | None = None
+    # Optional memo of teacher forwards keyed by batch content (benchmarks reuse one teacher pass across runs).
+    teacher_cache: dict | None = None
     teacher_recorder: capture.AttentionRecorder = field(init=False)
     student_recorder: capture.AttentionRecorder = field(init=False)
 
@@ -137,7 +141,9 @@ def make_student(
     return student, plan
 
 
-def prepare(recipe: Recipe, console: Console) -> Setup:
+def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Setup:
+    """Build a run. `loaded` = (teacher, tokenizer, task) from load_teacher skips reloading it
+    (benchmarks train many students from one teacher)."""
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     seed_everything(recipe.train.seed)
@@ -146,7 +152,7 @@ def prepare(recipe: Recipe, console: Console) -> Setup:
         torch.use_deterministic_algorithms(True, warn_only=True)
     amp_dtype = torch.bfloat16 if recipe.train.dtype == "bfloat16" else None
 
-    teacher, tokenizer, task, _ = load_teacher(recipe)
+    teacher, tokenizer, task = loaded if loaded is not None else load_teacher(recipe)[:3]
     t_shape = model_shape(teacher.config)
     checks.check_positions(recipe.data.seq_len, t_shape, "teacher")
 
@@ -198,7 +204,13 @@ def prepare(recipe: Recipe, console: Console) -> Setup:
     student.to(device).train()
     student = distributed.wrap_student(student, recipe.train.strategy, device, amp_dtype, encoder=task != CAUSAL_LM)
     bases = feature_bases(teacher, plan)
-    return Setup(recipe, device, amp_dtype, teacher, student, tokenizer, task, plan, bases, train_blocks, val, use_logit)
+    projector = None
+    if recipe.distill.target == "projector" and recipe.distill.shd > 0:
+        from shdcli.baselines import make_projector
+
+        projector = make_projector(plan, model_shape(teacher.config).heads, s_shape.heads).to(device)
+    return Setup(recipe, device, amp_dtype, teacher, student, tokenizer, task, plan, bases, train_blocks, val,
+                 use_logit, projector)
 
 
 def calibration_batches(blocks: TokenBlocks, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
@@ -224,6 +236,16 @@ def autocast(setup: Setup):
 
 
 def teacher_forward(setup: Setup, batch: dict[str, torch.Tensor]):
+    if setup.teacher_cache is not None:
+        key = (tuple(batch["input_ids"].shape), batch["input_ids"].cpu().numpy().tobytes(),
+               batch["attention_mask"].cpu().numpy().tobytes())
+        if key not in setup.teacher_cache:
+            setup.teacher_cache[key] = _teacher_pass(setup, batch)
+        return setup.teacher_cache[key]
+    return _teacher_pass(setup, batch)
+
+
+def _teacher_pass(setup: Setup, batch: dict[str, torch.Tensor]):
     with torch.inference_mode(), setup.teacher_recorder.active(), autocast(setup):
         out = setup.teacher(**batch)
         records = dict(setup.teacher_recorder.records)
@@ -251,7 +273,11 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     else:
         parts["task"] = embedding_loss(s_out.last_hidden_state, t_out.last_hidden_state, mask)
     weights = {}
-    if d.shd > 0:
+    if d.shd > 0 and d.target != "squeeze":
+        from shdcli.baselines import attention_target_loss
+
+        parts["shd"] = attention_target_loss(setup, t_records, s_records, mask.bool())
+    elif d.shd > 0:
         result = shd_loss(
             t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases,
             None if mask is None else mask.bool(),
@@ -317,10 +343,15 @@ class WeightStats:
         return out
 
 
-def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, recipe: Recipe, extra: torch.nn.Module | None = None
+) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if extra is not None:  # e.g. the projector baseline: trained with the student, no weight decay
+        lr = getattr(extra, "lr", recipe.train.lr)
+        groups.append({"params": list(extra.parameters()), "weight_decay": 0.0, "lr": lr})
     return torch.optim.AdamW(groups, lr=recipe.train.lr, betas=(0.9, 0.95))
 
 
@@ -431,7 +462,7 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
 
         stream_cls = ImageStream
     stream = stream_cls(setup.train_blocks, recipe.data.batch_size, recipe.train.seed, dist_info.rank, dist_info.world)
-    optimizer = make_optimizer(setup.student, recipe)
+    optimizer = make_optimizer(setup.student, recipe, setup.projector)
     scheduler = make_scheduler(optimizer, recipe)
     run = RunState()
     root, fingerprint = checkpoint.checkpoint_root(recipe), recipe.fingerprint()

