@@ -119,7 +119,8 @@ def _resolve_pkg(spec: str, field: str) -> Path:
     except (ImportError, ValueError):
         found = None
     if found is None or not found.submodule_search_locations:
-        raise ShdError(f"{field}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
+        hint = package.replace("_", "-")
+        raise ShdError(f"{field}: Python package {package!r} is not installed (pip install {hint})")
     return Path(list(found.submodule_search_locations)[0]) / sub
 
 

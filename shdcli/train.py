@@ -173,7 +173,8 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     if recipe.distill.grouping == "calibrated":
         def calibrate(plan: Plan) -> None:
             batches = calibration_batches(train_blocks, recipe)
-            console.print(f"calibrating head groups on {sum(len(b['input_ids']) for b in batches)} training samples")
+            samples = sum(len(b["input_ids"]) for b in batches)
+            console.print(f"calibrating head groups on {samples} training samples")
             calibrate_plan(plan, teacher, batches, device, recipe.distill.alpha, recipe.distill.temperature,
                            recipe.train.seed)
     student, plan = make_student(recipe, teacher, tokenizer, task, calibrate)
