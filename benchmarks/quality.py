@@ -57,6 +57,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "shd_lsq": ("3 KD + SHD alpha lsq (default)", {}),
     "shd_mean": ("4 KD + SHD alpha mean", {"distill.alpha": "mean"}),
     "shd_select": ("5 KD + SHD alpha select", {"distill.alpha": "select"}),
+    "shd_calibrated": ("3c KD + SHD lsq, calibrated grouping", {"distill.grouping": "calibrated",
+                                                                  "distill.calibration_batches": 2}),
     "projector": ("6 KD + attn KD via learned projector", {"distill.target": "projector"}),
     "score_mean": ("7 KD + attn KD to group-mean logits", {"distill.target": "score_mean"}),
     "shd_mse": ("8a KD + SHD, MSE attention loss", {"distill.attn_loss": "mse"}),
@@ -97,56 +99,19 @@ SETTINGS: dict[str, tuple[str, dict, str, bool]] = {
 SKIP = {"enc4": {"task"}, "enc6": {"task"}}
 
 
-# --------------------------------------------------------------------------- statistics (no scipy)
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta (Numerical Recipes, Lentz)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        even = m * (b - m) * x / ((a + m2 - 1) * (a + m2))
-        odd = -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1))
-        for num in (even, odd):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(ln) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(ln) * _betacf(b, a, 1.0 - x) / b
-
-
+# --------------------------------------------------------------------------- statistics
 def t_two_sided_p(t: float, df: int) -> float:
     """P(|T| >= |t|) for Student's t with df degrees of freedom."""
-    if math.isinf(t):
-        return 0.0
-    return _betainc(df / 2.0, 0.5, df / (df + t * t))
+    from scipy import stats
+
+    return float(2.0 * stats.t.sf(abs(t), df))
 
 
 def t_quantile(q: float, df: int) -> float:
-    """Upper quantile: t with P(T <= t) = q (q > 0.5), by bisection on the CDF."""
-    lo, hi = 0.0, 1e4
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if 1.0 - 0.5 * t_two_sided_p(mid, df) < q:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+    """Upper quantile: t with P(T <= t) = q."""
+    from scipy import stats
+
+    return float(stats.t.ppf(q, df))
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
