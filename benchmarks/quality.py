@@ -185,16 +185,10 @@ def train_one(recipe_data: dict, loaded: tuple, cache: dict, eval_every: int, co
     curve = [{"step": 0, **evaluate_run(setup)}]
     t0 = time.perf_counter()
     for step in range(1, recipe.train.max_steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        total, parts, _ = train.step_losses(setup, {k: v.to(setup.device) for k, v in stream.next().items()})
-        if not torch.isfinite(total):
-            raise RuntimeError(f"loss became {float(total)} at step {step}: {parts}")
-        total.backward()
-        if recipe.train.grad_clip > 0:
-            params = list(setup.student.parameters()) + (list(setup.projector.parameters()) if setup.projector else [])
-            torch.nn.utils.clip_grad_norm_(params, recipe.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        try:
+            train.train_step(setup, stream, optimizer, scheduler)  # the step `shd distill` takes
+        except train.NonFinite as bad:
+            raise RuntimeError(f"{bad.part} became {bad.value} at step {step}") from None
         if step % eval_every == 0 or step == recipe.train.max_steps:
             curve.append({"step": step, **evaluate_run(setup)})
     train_s = time.perf_counter() - t0

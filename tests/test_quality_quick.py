@@ -101,7 +101,9 @@ def test_quick_benchmark_writes_table_plot_and_json(tmp_path):
         assert ("delta" in row) == (method != quality.BASELINE)
     # identical init and batches: every method starts from the same step-0 evaluation
     runs = data["results"]["lm"]["runs"]
-    step0 = {m: runs[m]["0"]["curve"][0]["val_perplexity"] for m in runs}
+    # Same initialisation for every method (calibrated grouping starts each student head from its own
+    # group's representative, so its step-0 student differs by design).
+    step0 = {m: runs[m]["0"]["curve"][0]["val_perplexity"] for m in runs if m != "shd_calibrated"}
     assert max(step0.values()) == pytest.approx(min(step0.values()), rel=1e-6)
     # the second run rewrites the generated block in place (hand-written text around it survives)
     doc.write_text(text.replace(quality.BEGIN, "hand-written note\n\n" + quality.BEGIN))
