@@ -355,7 +355,7 @@ def run_distillation(recipe: Recipe, console: Console) -> dict:
     import json
 
     save_model_folder(setup.student, setup.tokenizer, student_dir, {"shd_plan.json": json.dumps(plan_dict, indent=2)})
-    final = _final_eval(setup, validation[-1])
+    final = _final_eval(setup, validation[-1], student_dir)
     metrics = {
         "recipe": recipe.resolved(),
         "plan": plan_dict,
@@ -375,15 +375,14 @@ def run_distillation(recipe: Recipe, console: Console) -> dict:
     return metrics
 
 
-def _final_eval(setup: Setup, last_val: dict[str, float]) -> dict[str, float]:
-    from shdcli.evaluate import embedding_agreement, perplexity
+def _final_eval(setup: Setup, last_val: dict[str, float], student_dir: Path | None = None) -> dict[str, float]:
+    """The last validation, plus what `shd eval` reports for this student (evaluate.final_evaluation)."""
+    from shdcli.evaluate import final_evaluation, perplexity
 
     out = dict(last_val)
-    if setup.task == CAUSAL_LM:
+    if setup.task == CAUSAL_LM:  # same packed validation blocks as val_perplexity, for a like-for-like number
         out["teacher_val_perplexity"] = perplexity(setup.teacher, setup.val_batches, setup.device)["perplexity"]
-    else:
-        setup.student.eval()
-        out.update(embedding_agreement(setup.student, setup.teacher, setup.val_batches, setup.device))
+    out.update(final_evaluation(setup, student_dir))
     return out
 
 
