@@ -105,7 +105,7 @@ def inspect_heads(
     if out is not None:
         files, note = heads.write_outputs(report, out, layers)
     if json_:
-        console.print_json(json.dumps(report.to_dict()))
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")  # plain: rich could wrap it
     else:
         console.print(heads.heads_table(report))
         console.print(heads.heat_strip(report))
@@ -160,7 +160,7 @@ def eval_(
 
         write_json_atomic(out, result)
     if json_:
-        console.print_json(json.dumps(result))
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
         console.print(evaluate.eval_table(result))
         for note in result["notes"]:

@@ -527,6 +527,8 @@ def run_eval(names: list[str], teacher_spec: str | None, data: str | None, optio
         heldout = heldout_from_recipe(first.recipe)
     else:
         heldout = HeldOut(read_documents("builtin:sentences"), "builtin:sentences")
+    if any(str(n).endswith(".gguf") for n in [*names, teacher_spec or ""]):
+        notes.append("a .gguf model's size on disk is that of the float32 folder it was converted to (and run as)")
     result = evaluate_models(students, teacher, heldout, options, log)
     result["notes"] = notes + result["notes"]
     return result
@@ -612,8 +614,9 @@ def final_evaluation(setup, student_dir: Path | None) -> dict[str, float]:
         result = evaluate_models([student], teacher, heldout, options)
     finally:
         setup.student.train(was_training)
-    out = {k: v for k, v in result["students"][0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    out.update({f"teacher_{k}": v for k, v in result["teacher"].items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("layers", "heads", "kv_heads",
-                                                                                          "hidden")})
-    return out
+    def numbers(entry: dict) -> dict:
+        skip = ("layers", "heads", "kv_heads", "hidden")  # already in the plan
+        return {k: v for k, v in entry.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
+
+    return {**numbers(result["students"][0]), **{f"teacher_{k}": v for k, v in numbers(result["teacher"]).items()}}

@@ -299,7 +299,7 @@ def inspect_heads(
 
     acc = [_LayerAccumulator(heads, target, grouper(i, target)) for i in range(n_layers)]
     recorder = capture.AttentionRecorder(set(range(n_layers)), keep_values=True)
-    seen, samples = 0, 0
+    seen = 0  # samples processed so far
     sample_maps, sample_ids = [], None
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -337,8 +337,7 @@ def inspect_heads(
                     for j, w in enumerate(weights):
                         a.weights[j].append(w)
         seen += len(row_mask)
-        samples += len(row_mask)
-    if samples == 0:
+    if seen == 0:
         raise ShdError("data: no text samples to run the model on; give a file with some text")
 
     layer_stats = []
@@ -367,7 +366,7 @@ def inspect_heads(
     return HeadsReport(
         model=meta.get("model", type(model).__name__), folder=str(meta.get("folder", "")),
         model_type=shape.model_type, task=meta.get("task", ""), layers=n_layers, heads=heads,
-        kv_heads=shape.kv_heads, data=meta.get("data", ""), samples=samples, rows=int(acc[0].rows),
+        kv_heads=shape.kv_heads, data=meta.get("data", ""), samples=seen, rows=int(acc[0].rows),
         seq_len=int(meta.get("seq_len", 0)), target_heads=target, tolerance=tolerance,
         grouping=meta.get("grouping", grouping), features=features, layer_stats=layer_stats,
         sample_index=sample_index, sample_tokens=tokens,
