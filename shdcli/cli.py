@@ -89,6 +89,144 @@ def distill(
     console.print(f"report: {Path(spec.output_dir) / 'report.md'}   metrics: {Path(spec.output_dir) / 'metrics.json'}")
 
 
+@app.command("inspect-heads")
+def inspect_heads(
+    model: Annotated[str, typer.Argument(help="HF model folder, .gguf file or pkg://package/path.")],
+    data: Annotated[str, typer.Option(help="Text: .txt / .jsonl file, builtin:sentences or builtin:pydoc.")] = (
+        "builtin:sentences"
+    ),
+    samples: Annotated[int, typer.Option(help="Text samples (sequences) to run the model on.")] = 32,
+    heads_to: Annotated[
+        int | None, typer.Option("--heads-to", help="Target head count K (default: half the heads, rounded up).")
+    ] = None,
+    tolerance: Annotated[
+        float, typer.Option(help="Relative reconstruction error allowed when suggesting a layer's minimum heads.")
+    ] = 0.3,
+    grouping: Annotated[str, typer.Option(help="Head grouping: balanced or pairs.")] = "balanced",
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sample (causal LMs: packed blocks).")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 8,
+    sample: Annotated[int, typer.Option(help="Which sample attention_layerL.png shows.")] = 0,
+    plot_layers: Annotated[
+        str | None, typer.Option("--plot-layers", help="Layers for attention_layerL.png, e.g. 0,5 (default: the "
+                                 "most and least redundant).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for heads.json, heads.png, alphas.png, "
+                                             "attention_layerL.png.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print heads.json to stdout, not tables.")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    threads: Annotated[int, typer.Option(help="torch CPU threads; 0 = torch's default.")] = 0,
+) -> None:
+    """Show how alike each layer's attention heads are and what squeezing them to K heads loses."""
+    import json
+
+    from shdcli import heads
+
+    if grouping not in ("balanced", "pairs"):
+        raise ShdError(f"--grouping: {grouping!r} is not a grouping; use balanced or pairs")
+    if batch_size < 1 or seq_len < 2:
+        raise ShdError("--batch-size must be >= 1 and --seq-len >= 2")
+    layers = _int_list(plot_layers, "--plot-layers")
+    _threads(threads)
+    report = heads.run_inspect(model, data, samples, seq_len, batch_size, heads_to, tolerance, grouping, sample,
+                               _device(device))
+    note = None
+    files: list[Path] = []
+    if out is not None:
+        files, note = heads.write_outputs(report, out, layers)
+    if json_:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")  # plain: rich could wrap it
+    else:
+        console.print(heads.heads_table(report))
+        console.print(heads.heat_strip(report))
+        if files:
+            console.print("wrote " + ", ".join(str(f) for f in files))
+        elif out is None:
+            console.print("[dim]pass --out DIR to write heads.json and the plots[/dim]")
+    if note:
+        err_console.print(f"[yellow]note:[/yellow] {note}")
+
+
+@app.command("eval")
+def eval_(
+    student: Annotated[list[str], typer.Argument(help="Student model folder(s) (HF folder, .gguf or pkg://).")],
+    teacher: Annotated[
+        str | None, typer.Option(help="Teacher to compare with (default: the one in the student's run "
+                                 "metrics.json, if any).")
+    ] = None,
+    compare: Annotated[
+        list[str] | None, typer.Option(help="More students for the same table (--compare A B or repeat it).")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Held-out text (default: the run's validation split, else builtin:sentences).")
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON instead of a table.")] = False,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence (encoders, attention, "
+                                         "latency); perplexity window for causal LMs.")] = 128,
+    stride: Annotated[int | None, typer.Option(help="Perplexity window stride (default: half the window).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Held-out tokens for perplexity.")] = 4096,
+    samples: Annotated[int, typer.Option(help="Held-out sequences for embedding and attention metrics.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 8,
+    similarity: Annotated[
+        Path | None, typer.Option(help="Sentence-similarity TSV (sentence1<TAB>sentence2<TAB>score) for Spearman.")
+    ] = None,
+    speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure CPU latency and throughput.")] = True,
+    out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads; 0 = torch's default.")] = 0,
+) -> None:
+    """Measure students: quality, attention fidelity to the teacher, size and CPU speed."""
+    import json
+
+    from shdcli import evaluate
+
+    _threads(threads)
+    names = [student[0], *(compare or []), *student[1:]]
+    options = evaluate.EvalOptions(seq_len=seq_len, stride=stride, max_tokens=max_tokens, samples=samples,
+                                   batch_size=batch_size, speed=speed,
+                                   similarity=str(similarity) if similarity else None)
+    result = evaluate.run_eval(names, teacher, data, options, log=err_console.print)
+    if out is not None:
+        from shdcli.report import write_json_atomic
+
+        write_json_atomic(out, result)
+    if json_:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        console.print(evaluate.eval_table(result))
+        for note in result["notes"]:
+            console.print(f"[dim]note: {note}[/dim]")
+
+
+def _int_list(text: str | None, field: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise ShdError(f"{field}: {text!r} is not a comma-separated list of layer numbers, e.g. 0,5") from None
+
+
+def _threads(n: int) -> None:
+    # Many small tensor ops: on a busy machine fewer threads can be much faster than the default.
+    if n < 0:
+        raise ShdError("--threads: give 0 (torch's default) or a positive count")
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name not in ("cpu", "cuda", "auto"):
+        raise ShdError(f"--device: {name!r}; use cpu, cuda or auto")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ShdError("--device: cuda was asked for but no CUDA GPU is visible; use cpu")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     _offline()

@@ -1,44 +1,160 @@
-"""Evaluation metrics shared by `shd distill` (final evaluation) and `shd eval`."""
+"""Evaluation shared by `shd distill` (final evaluation) and `shd eval`.
+
+Metrics (each a function of models and token batches, testable on tiny models):
+  - perplexity: token-weighted exp(mean next-token NLL); `sliding_perplexity` scores a long token
+    stream with overlapping windows so every token after the first is predicted exactly once, with
+    at least window - stride tokens of context (once the stream is that long).
+  - encoders: cosine of mean-pooled sentence embeddings to the teacher's, and how well the student
+    keeps the teacher's similarity structure (Pearson / Spearman of in-batch cosine similarities);
+    Spearman against human scores only when a sentence-similarity file is given (none ships offline).
+  - attention fidelity: the SHD KL (losses.shd_loss, tau = 1) of the student's maps to the squeezed
+    teacher maps on held-out text, with the student's shd_plan.json or an inferred plan.
+  - size (parameters, weight bytes on disk) and latency / throughput at batch 1 and 8, measured
+    round-robin with the teacher in the same run so machine load hits every model alike.
+
+`evaluate_models` returns one flat dict of numbers per model; the table (`eval_table`) and the
+JSON are two renderings of the same dict.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from rich.table import Table
 
+from shdcli.data import TokenBlocks, eval_batches, read_documents, split_documents, tokenize
+from shdcli.errors import ShdError
 from shdcli.losses import mean_pool
+from shdcli.mapping import Plan, make_plan
+from shdcli.models import CAUSAL_LM, ModelShape, count_parameters, load_model, model_shape, resolve_source
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
+# --------------------------------------------------------------------------- quality metrics
 def forward_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Last hidden states [B, N, D] of an encoder (or the base model of a causal LM)."""
     out = model(**batch)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-@torch.inference_mode()
-def perplexity(model, batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
-    """Token-weighted perplexity: exp(total next-token NLL / number of predicted tokens)."""
-    nll, tokens = 0.0, 0
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(**batch).logits.float()
-        labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
-        tokens += int((labels != -100).sum())
+def _next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of labels[:, 1:] under logits[:, :-1] (label -100 = not scored) and the count."""
+    target = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum")
+    return float(nll), int((target != -100).sum())
+
+
+def _ppl(nll: float, tokens: int) -> dict[str, float]:
     mean = nll / max(1, tokens)
     return {"nll": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": tokens}
 
 
 @torch.inference_mode()
-def embedding_agreement(student, teacher, batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict:
-    """Cosine of mean-pooled sentence embeddings to the teacher's (same width), and agreement of the
-    in-batch similarity structure (Pearson correlation of the off-diagonal cosine similarities)."""
+def perplexity(model, batches: list[dict[str, torch.Tensor]], device: torch.device | str) -> dict[str, float]:
+    """Token-weighted perplexity over batches: exp(total next-token NLL / number of predicted tokens)."""
+    nll, tokens = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        part, n = _next_token_nll(model(**batch).logits, labels)
+        nll, tokens = nll + part, tokens + n
+    return _ppl(nll, tokens)
+
+
+def window_spans(total: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window over a stream of `total` tokens.
+
+    Window w covers tokens [begin, end) and scores positions [first, end): the ones the previous
+    window did not reach, never its own first token (it has no context). Every position 1..total-1
+    is scored exactly once.
+    """
+    if window < 2:
+        raise ValueError("window must be at least 2 tokens")
+    if not 1 <= stride < window:  # windows must overlap, else each window's first token goes unscored
+        raise ValueError(f"stride {stride} must be in 1..window - 1 ({window - 1})")
+    spans, begin, prev_end = [], 0, 0
+    while True:
+        end = min(begin + window, total)
+        spans.append((begin, end, max(prev_end, begin + 1)))
+        if end >= total:
+            return spans
+        prev_end = end
+        begin += stride
+
+
+@torch.inference_mode()
+def sliding_perplexity(model, ids: torch.Tensor, window: int, stride: int, device: torch.device | str,
+                       batch_size: int = 4) -> dict[str, float]:
+    """Token-weighted perplexity of one long token stream ids [T] with sliding windows (see window_spans)."""
+    ids = ids.flatten().long()
+    if ids.numel() < 2:
+        raise ShdError("data: the held-out text gives fewer than 2 tokens; give more text")
+    spans = window_spans(ids.numel(), window, stride)
+    nll, tokens = 0.0, 0
+    for i in range(0, len(spans), batch_size):
+        chunk = spans[i:i + batch_size]
+        length = max(end - begin for begin, end, _ in chunk)
+        input_ids = torch.zeros(len(chunk), length, dtype=torch.long)
+        mask = torch.zeros(len(chunk), length, dtype=torch.long)
+        labels = torch.full((len(chunk), length), -100, dtype=torch.long)
+        for row, (begin, end, first) in enumerate(chunk):  # right padding: causal rows never see it
+            input_ids[row, : end - begin] = ids[begin:end]
+            mask[row, : end - begin] = 1
+            labels[row, first - begin: end - begin] = ids[first:end]
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+        part, n = _next_token_nll(logits, labels.to(device))
+        nll, tokens = nll + part, tokens + n
+    return {**_ppl(nll, tokens), "window": window, "stride": stride}
+
+
+def rank_average(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n of a 1-D tensor, ties given their average rank (as Spearman's rho needs)."""
+    order = torch.argsort(x, stable=True)
+    sorted_x = x[order]
+    ranks = torch.empty(x.numel(), dtype=torch.float64)
+    i, n = 0, x.numel()
+    while i < n:
+        j = i
+        while j + 1 < n and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    den = (a.norm() * b.norm()).item()
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation: Pearson correlation of average ranks."""
+    return pearson(rank_average(a.flatten()), rank_average(b.flatten()))
+
+
+def _embed(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return F.normalize(mean_pool(forward_hidden(model, batch).float(), batch["attention_mask"]), dim=-1)
+
+
+@torch.inference_mode()
+def embedding_agreement(student, teacher, batches: list[dict[str, torch.Tensor]], device: torch.device | str) -> dict:
+    """Cosine of mean-pooled sentence embeddings to the teacher's (same width only), and agreement of
+    the in-batch similarity structure: Pearson and Spearman correlation of the off-diagonal cosine
+    similarities of student and teacher (works across widths)."""
     cosines, sims_s, sims_t = [], [], []
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        s = F.normalize(mean_pool(forward_hidden(student, batch).float(), batch["attention_mask"]), dim=-1)
-        t = F.normalize(mean_pool(forward_hidden(teacher, batch).float(), batch["attention_mask"]), dim=-1)
+        s, t = _embed(student, batch), _embed(teacher, batch)
         if s.shape[-1] == t.shape[-1]:
             cosines.append((s * t).sum(-1))
         off = ~torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
@@ -47,7 +163,465 @@ def embedding_agreement(student, teacher, batches: list[dict[str, torch.Tensor]]
     out: dict[str, float] = {}
     if cosines:
         out["embedding_cosine"] = torch.cat(cosines).mean().item()
-    a, b = torch.cat(sims_s), torch.cat(sims_t)
+    a, b = torch.cat(sims_s).cpu(), torch.cat(sims_t).cpu()
     if a.numel() > 1:
-        out["similarity_pearson"] = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+        out["similarity_pearson"] = pearson(a, b)
+        out["similarity_spearman"] = spearman(a, b)
     return out
+
+
+def read_similarity_file(path: str) -> tuple[list[str], list[str], torch.Tensor]:
+    """A sentence-similarity set: UTF-8 lines `sentence1<TAB>sentence2<TAB>score` (STS-B style)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ShdError(f"--similarity: {path} is not a file; give a TSV of sentence1<TAB>sentence2<TAB>score")
+    first, second, scores = [], [], []
+    for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        try:
+            score = float(parts[2])
+        except (IndexError, ValueError):
+            if lineno == 1:  # a header line
+                continue
+            raise ShdError(f"--similarity: {path} line {lineno} is not sentence1<TAB>sentence2<TAB>score") from None
+        first.append(parts[0])
+        second.append(parts[1])
+        scores.append(score)
+    if len(scores) < 3:
+        raise ShdError(f"--similarity: {path} holds {len(scores)} scored pairs; give at least 3")
+    return first, second, torch.tensor(scores, dtype=torch.float64)
+
+
+@torch.inference_mode()
+def similarity_spearman(model, tokenizer, first: list[str], second: list[str], gold: torch.Tensor,
+                        device: torch.device | str, batch_size: int = 32, max_len: int = 128) -> float:
+    """Spearman correlation of the cosine of the two sentences' embeddings with the gold scores."""
+    def embed(sentences: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(sentences), batch_size):
+            enc = tokenizer(sentences[i:i + batch_size], padding=True, truncation=True, max_length=max_len,
+                            return_tensors="pt")
+            out.append(_embed(model, {"input_ids": enc["input_ids"].to(device),
+                                      "attention_mask": enc["attention_mask"].to(device)}).cpu())
+        return torch.cat(out)
+
+    return spearman((embed(first) * embed(second)).sum(-1), gold)
+
+
+# --------------------------------------------------------------------------- attention fidelity
+@torch.no_grad()
+def attention_fidelity(student, teacher, plan: Plan, batches: list[dict[str, torch.Tensor]],
+                       device: torch.device | str, alpha: str = "lsq") -> float:
+    """Mean SHD KL (tau = 1) of the student's attention to the squeezed teacher maps over the batches:
+    over mapped layers, heads and valid query rows, weighted exactly as one big batch would be."""
+    from shdcli import capture
+    from shdcli.losses import shd_loss
+    from shdcli.train import feature_bases
+
+    for model in (student, teacher):
+        capture.enable(model)
+    t_rec = capture.AttentionRecorder({t for _, t in plan.pairs}, keep_values=True)
+    s_rec = capture.AttentionRecorder({s for s, _ in plan.pairs})
+    bases = feature_bases(teacher, plan)
+    total, rows = 0.0, 0.0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with t_rec.active():
+            teacher(**batch)
+            t_records = dict(t_rec.records)
+        with s_rec.active():
+            student(**batch)
+            s_records = dict(s_rec.records)
+        mask = batch["attention_mask"].bool()
+        # impl naive: whole maps of one layer at a time (no checkpointing, nothing needs a gradient).
+        loss = shd_loss(t_records, s_records, plan.pairs, plan.groups, bases, mask, alpha=alpha, kind="kl",
+                        tau=1.0, impl="naive").loss
+        n = float(mask.sum())  # the loss is a mean over (layers x heads x) valid rows: weight by rows
+        total += float(loss) * n
+        rows += n
+    return total / max(rows, 1.0)
+
+
+def plan_from_file(path: Path, teacher: ModelShape, student: ModelShape) -> Plan:
+    """The Plan a student was distilled with (student/shd_plan.json), checked against the models."""
+    try:
+        raw = json.loads(path.read_text())
+        plan = Plan(ModelShape(**raw["teacher"]), ModelShape(**raw["student"]), [tuple(p) for p in raw["layers"]],
+                    raw["groups"], raw.get("grouping", "balanced"), raw.get("representatives", []))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ShdError(f"{path}: not a readable SHD plan ({exc}); delete it to use an inferred plan") from None
+    for who, want, got in (("teacher", plan.teacher, teacher), ("student", plan.student, student)):
+        if (want.layers, want.heads) != (got.layers, got.heads):
+            raise ShdError(
+                f"{path}: the plan is for a {who} with {want.layers} layers x {want.heads} heads, but the {who} "
+                f"given has {got.layers} x {got.heads}; pass the teacher the student was distilled from (--teacher)"
+            )
+    return plan
+
+
+# --------------------------------------------------------------------------- size and speed
+def disk_bytes(folder: Path | None) -> int | None:
+    """Bytes of the weight files in a model folder (what a user ships), or None without a folder."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+
+
+@torch.inference_mode()
+def measure_speed(models: list[torch.nn.Module], input_ids: torch.Tensor, device: torch.device | str,
+                  seconds: float = 2.0, min_reps: int = 3, max_reps: int = 50) -> list[dict[str, float]]:
+    """Median latency (ms) and throughput (tokens/s) of one forward pass on input_ids [b, L], per model.
+
+    Models take turns, one pass each per round (after one warm-up pass each), until every model has
+    min_reps passes and `seconds` have gone by: slow drifts in machine load then hit all models alike.
+    """
+    batch = {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device)}
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for model in models:
+        model.eval()
+        model(**batch)
+    times: list[list[float]] = [[] for _ in models]
+    start = time.perf_counter()
+    while len(times[0]) < min_reps or (time.perf_counter() - start < seconds and len(times[0]) < max_reps):
+        for i, model in enumerate(models):
+            sync()
+            t0 = time.perf_counter()
+            model(**batch)
+            sync()
+            times[i].append(time.perf_counter() - t0)
+    tokens = input_ids.numel()
+    return [{"latency_ms": 1e3 * statistics.median(t), "tokens_per_s": tokens / statistics.median(t), "reps": len(t)}
+            for t in times]
+
+
+# --------------------------------------------------------------------------- one evaluation
+@dataclass
+class EvalOptions:
+    seq_len: int = 128  # tokens per sequence (encoder / attention / latency); perplexity window
+    stride: int | None = None  # perplexity window stride (default: seq_len // 2)
+    max_tokens: int = 4096  # held-out tokens scored for perplexity
+    samples: int = 64  # held-out sequences for embedding and attention metrics
+    batch_size: int = 8
+    speed: bool = True
+    speed_batches: tuple[int, ...] = (1, 8)
+    speed_seconds: float = 2.0  # per batch size, all models together
+    similarity: str | None = None  # sentence-similarity TSV
+    device: str = "cpu"
+
+
+@dataclass
+class EvalModel:
+    """A loaded model and what is known about where it came from."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    task: str
+    folder: Path | None = None
+    plan: Plan | None = None  # the student's distillation plan (None: infer one)
+    plan_source: str = "inferred"
+    alpha: str = "lsq"
+
+
+@dataclass
+class HeldOut:
+    docs: list[str]
+    source: str  # where the text came from, for the output
+
+
+def _shape_text(shape: ModelShape) -> str:
+    kv = f" (kv {shape.kv_heads})" if shape.kv_heads != shape.heads else ""
+    return f"{shape.layers}L x {shape.heads}H{kv}, width {shape.hidden}"
+
+
+def _same_tokens(a, b) -> bool:
+    return a is b or (a is not None and b is not None and a.get_vocab() == b.get_vocab())
+
+
+def evaluate_models(students: list[EvalModel], teacher: EvalModel | None, heldout: HeldOut,
+                    options: EvalOptions, log: Callable[[str], None] = lambda _: None) -> dict:
+    """Every metric for every student (and the teacher), as flat dicts of numbers. See module docstring."""
+    device = options.device
+    task = teacher.task if teacher is not None else students[0].task
+    tokenizer = teacher.tokenizer if teacher is not None else students[0].tokenizer
+    notes: list[str] = []
+    everyone = ([teacher] if teacher is not None else []) + students
+    for m in everyone:
+        m.model.eval().to(device)
+        if m.task != task:
+            raise ShdError(f"{m.name}: a {m.task} model cannot be compared with a {task} model")
+    limits = [model_shape(m.model.config).max_positions for m in everyone]
+    max_pos = min([p for p in limits if p] or [options.seq_len])
+    if options.seq_len > max_pos:
+        raise ShdError(f"--seq-len: {options.seq_len} is longer than a model's {max_pos} positions")
+
+    packed = task == CAUSAL_LM
+    blocks = tokenize(heldout.docs, tokenizer, options.seq_len, packed)
+    n = min(len(blocks), options.samples)
+    batches = eval_batches(TokenBlocks(blocks.input_ids[:n], blocks.attention_mask[:n]), options.batch_size)
+    entries = {id(m): _base_entry(m) for m in everyone}
+
+    if task == CAUSAL_LM:
+        # seq_len=1 packs the documents (joined with EOS, as in training) without cutting any tokens off.
+        stream = tokenize(heldout.docs, tokenizer, 1, True).input_ids.flatten()[: options.max_tokens]
+        stride = options.stride or max(1, options.seq_len // 2)
+        for m in everyone:
+            if not _same_tokens(m.tokenizer, tokenizer):
+                notes.append(f"{m.name}: its tokenizer differs from the teacher's; perplexity uses its own tokens")
+                ids = tokenize(heldout.docs, m.tokenizer, 1, True).input_ids.flatten()[: options.max_tokens]
+            else:
+                ids = stream
+            log(f"perplexity: {m.name}")
+            ppl = sliding_perplexity(m.model, ids, options.seq_len, stride, device, batch_size=options.batch_size)
+            entries[id(m)].update(perplexity=ppl["perplexity"], nll=ppl["nll"], ppl_tokens=ppl["tokens"])
+    elif teacher is not None:
+        for m in students:
+            if not _same_tokens(m.tokenizer, tokenizer):
+                notes.append(f"{m.name}: its tokenizer differs from the teacher's; no embedding agreement")
+                continue
+            log(f"embeddings: {m.name}")
+            entries[id(m)].update(embedding_agreement(m.model, teacher.model, batches, device))
+    if task != CAUSAL_LM:
+        if options.similarity:
+            first, second, gold = read_similarity_file(options.similarity)
+            for m in everyone:
+                entries[id(m)]["sts_spearman"] = similarity_spearman(
+                    m.model, m.tokenizer, first, second, gold, device, max_len=options.seq_len)
+        else:
+            notes.append("no sentence-similarity set ships offline (see offline_assets.md), so no Spearman "
+                         "against human scores; pass --similarity FILE.tsv (sentence1<TAB>sentence2<TAB>score)")
+
+    if teacher is not None:
+        t_shape = model_shape(teacher.model.config)
+        for m in students:
+            s_shape = model_shape(m.model.config)
+            if not _same_tokens(m.tokenizer, tokenizer):
+                continue
+            plan, source = m.plan, m.plan_source
+            if plan is None:
+                if s_shape.heads > t_shape.heads or s_shape.layers > t_shape.layers:
+                    notes.append(f"{m.name}: more layers or heads than the teacher; no attention fidelity")
+                    continue
+                plan, source = make_plan(t_shape, s_shape, "auto", "balanced"), "inferred (auto layers, balanced)"
+            log(f"attention fidelity: {m.name}")
+            entries[id(m)]["shd_kl"] = attention_fidelity(m.model, teacher.model, plan, batches, device, m.alpha)
+            entries[id(m)]["attention_plan"] = source
+
+    if options.speed:
+        pool = blocks.input_ids.flatten() if packed else blocks.input_ids[blocks.attention_mask.bool()]
+        for b in options.speed_batches:
+            need = b * options.seq_len
+            ids = pool.repeat(-(-need // max(1, pool.numel())))[:need].view(b, options.seq_len)
+            log(f"speed at batch {b}")
+            speeds = measure_speed([m.model for m in everyone], ids, device, options.speed_seconds)
+            for m, sp in zip(everyone, speeds):
+                entries[id(m)].update({f"latency_ms_b{b}": sp["latency_ms"], f"tokens_per_s_b{b}": sp["tokens_per_s"]})
+
+    if teacher is not None:
+        t = entries[id(teacher)]
+        for m in students:
+            e = entries[id(m)]
+            e["params_ratio"] = e["params"] / t["params"]
+            if e.get("disk_bytes") and t.get("disk_bytes"):
+                e["disk_ratio"] = e["disk_bytes"] / t["disk_bytes"]
+            for b in options.speed_batches:
+                if f"latency_ms_b{b}" in e:
+                    e[f"speedup_b{b}"] = t[f"latency_ms_b{b}"] / e[f"latency_ms_b{b}"]
+    return {
+        "task": task,
+        "device": str(device),
+        "data": {"source": heldout.source, "documents": len(heldout.docs), "sequences": n, "seq_len": options.seq_len},
+        "options": asdict(options),
+        "teacher": entries[id(teacher)] if teacher is not None else None,
+        "students": [entries[id(m)] for m in students],
+        "notes": notes,
+    }
+
+
+def _base_entry(m: EvalModel) -> dict:
+    shape = model_shape(m.model.config)
+    return {
+        "name": m.name, "path": str(m.folder) if m.folder else None, "task": m.task, "shape": _shape_text(shape),
+        "layers": shape.layers, "heads": shape.heads, "kv_heads": shape.kv_heads, "hidden": shape.hidden,
+        "params": count_parameters(m.model), "disk_bytes": disk_bytes(m.folder),
+    }
+
+
+# --------------------------------------------------------------------------- CLI: loading
+@dataclass
+class RunInfo:
+    """What a `shd distill` run left beside a student: its plan and the run's metrics.json."""
+
+    plan_file: Path | None = None
+    recipe: dict = field(default_factory=dict)
+    metrics_file: Path | None = None
+
+
+def run_info(folder: Path) -> RunInfo:
+    info = RunInfo()
+    if (folder / "shd_plan.json").is_file():
+        info.plan_file = folder / "shd_plan.json"
+    metrics = folder.parent / "metrics.json"
+    if metrics.is_file():
+        try:
+            info.recipe = json.loads(metrics.read_text()).get("recipe", {}) or {}
+            info.metrics_file = metrics
+        except (OSError, ValueError):
+            pass
+    return info
+
+
+def heldout_from_recipe(recipe: dict) -> HeldOut:
+    """The validation split of a run's recipe: the documents its student never trained on."""
+    data, seed = recipe["data"], recipe.get("train", {}).get("seed", 0)
+    docs = read_documents(data["path"], data.get("text_field", "text"))
+    if data.get("max_documents"):
+        docs = docs[: data["max_documents"]]
+    _, val = split_documents(docs, data.get("val_fraction", 0.1), seed)
+    return HeldOut(val, f"validation split of {data['path']} (val_fraction {data.get('val_fraction', 0.1)}, "
+                        f"seed {seed})")
+
+
+def _load(spec: str, field_name: str, task: str | None = None) -> EvalModel:
+    folder = resolve_source(spec, field_name)
+    model, tokenizer, task = load_model(folder, field_name, task=task)
+    if tokenizer is None:
+        raise ShdError(f"{field_name}: {folder} has no tokenizer files; add tokenizer.json (or vocab files) to it")
+    return EvalModel(spec, model, tokenizer, task, folder)
+
+
+def run_eval(names: list[str], teacher_spec: str | None, data: str | None, options: EvalOptions,
+             log: Callable[[str], None] = lambda _: None) -> dict:
+    """`shd eval`: load the students (and teacher), pick held-out text, evaluate; returns the JSON dict."""
+    if options.seq_len < 2 or options.batch_size < 1 or options.samples < 1 or options.max_tokens < 2:
+        raise ShdError("--seq-len >= 2, --batch-size >= 1, --samples >= 1 and --max-tokens >= 2 are required")
+    if options.stride is not None and not 1 <= options.stride < options.seq_len:
+        raise ShdError(f"--stride: {options.stride} must be between 1 and --seq-len - 1 ({options.seq_len - 1}): "
+                       "windows must overlap so every token is scored with some context")
+    notes = []
+    students, infos = [], []
+    for name in names:
+        m = _load(name, "STUDENT")
+        info = run_info(m.folder)
+        m.alpha = info.recipe.get("distill", {}).get("alpha", "lsq")
+        students.append(m)
+        infos.append(info)
+    teacher = None
+    first = infos[0]
+    if teacher_spec is None and first.recipe.get("teacher", {}).get("path"):
+        teacher_spec = first.recipe["teacher"]["path"]
+        notes.append(f"teacher {teacher_spec} taken from {first.metrics_file}")
+    if teacher_spec is not None:
+        log(f"loading teacher {teacher_spec}")
+        teacher = _load(teacher_spec, "--teacher")
+        t_shape = model_shape(teacher.model.config)
+        for m, info in zip(students, infos):
+            if info.plan_file is not None:
+                m.plan = plan_from_file(info.plan_file, t_shape, model_shape(m.model.config))
+                m.plan_source = str(info.plan_file)
+    if data is not None:
+        heldout = HeldOut(read_documents(data, field="--data"), data)
+    elif first.recipe.get("data", {}).get("path"):
+        heldout = heldout_from_recipe(first.recipe)
+    else:
+        heldout = HeldOut(read_documents("builtin:sentences"), "builtin:sentences")
+    if any(str(n).endswith(".gguf") for n in [*names, teacher_spec or ""]):
+        notes.append("a .gguf model's size on disk is that of the float32 folder it was converted to (and run as)")
+    result = evaluate_models(students, teacher, heldout, options, log)
+    result["notes"] = notes + result["notes"]
+    return result
+
+
+# --------------------------------------------------------------------------- rendering
+def _num(fmt: str) -> Callable[[object], str]:
+    return lambda v: format(v, fmt)
+
+
+def _ratio(v) -> str:
+    return f"{v:.3f}x"
+
+
+def _mb(v) -> str:
+    return f"{v / 1e6:.1f} MB"
+
+
+# (key, label, formatter): the table shows exactly these keys of the JSON entries, formatted.
+ROWS: list[tuple[str, str, Callable[[object], str]]] = [
+    ("shape", "shape", str),
+    ("params", "parameters", _num(",")),
+    ("params_ratio", "parameters vs teacher", _ratio),
+    ("disk_bytes", "weights on disk", _mb),
+    ("disk_ratio", "disk vs teacher", _ratio),
+    ("perplexity", "perplexity (sliding window)", _num(".3f")),
+    ("ppl_tokens", "perplexity tokens", _num(",")),
+    ("embedding_cosine", "embedding cosine to teacher", _num(".4f")),
+    ("similarity_pearson", "similarity Pearson vs teacher", _num(".4f")),
+    ("similarity_spearman", "similarity Spearman vs teacher", _num(".4f")),
+    ("sts_spearman", "sentence-similarity Spearman", _num(".4f")),
+    ("shd_kl", "attention KL to teacher (SHD)", _num(".4f")),
+    ("latency_ms_b1", "latency batch 1 (ms)", _num(".1f")),
+    ("tokens_per_s_b1", "tokens/s batch 1", _num(",.0f")),
+    ("speedup_b1", "speed-up batch 1", _ratio),
+    ("latency_ms_b8", "latency batch 8 (ms)", _num(".1f")),
+    ("tokens_per_s_b8", "tokens/s batch 8", _num(",.0f")),
+    ("speedup_b8", "speed-up batch 8", _ratio),
+]
+
+
+def table_cells(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Column headers and rows (label, one cell per model) of the eval table, from the JSON dict."""
+    entries = ([result["teacher"]] if result["teacher"] else []) + result["students"]
+    headers = ["metric"] + [("teacher: " if e is result["teacher"] else "") + e["name"] for e in entries]
+    rows = []
+    for key, label, fmt in ROWS:
+        if all(e.get(key) is None for e in entries):
+            continue
+        rows.append([label] + [fmt(e[key]) if e.get(key) is not None else "-" for e in entries])
+    return headers, rows
+
+
+def eval_table(result: dict) -> Table:
+    headers, rows = table_cells(result)
+    data = result["data"]
+    table = Table(
+        title=f"shd eval ({result['task']}, {result['device']}): {data['sequences']} sequences of {data['seq_len']} "
+        f"tokens from {data['source']}",
+        title_justify="left",
+    )
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+# --------------------------------------------------------------------------- `shd distill`'s final evaluation
+def final_evaluation(setup, student_dir: Path | None) -> dict[str, float]:
+    """`shd eval student_dir --teacher <recipe teacher>` on the run's validation split, flattened:
+    the student's numbers under their own names, the teacher's with a `teacher_` prefix."""
+    recipe = setup.recipe
+    try:
+        heldout = heldout_from_recipe(recipe.resolved())
+    except ShdError:  # parquet / datasets folders / streamed text: decode the run's own validation blocks
+        docs = [setup.tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
+                for batch in setup.val_batches for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        heldout = HeldOut(docs, f"validation split of {recipe.data.path} (decoded validation blocks)")
+    teacher = EvalModel("teacher", setup.teacher, setup.tokenizer, setup.task,
+                        resolve_source(recipe.teacher.path, "teacher.path"))
+    student = EvalModel("student", setup.student, setup.tokenizer, setup.task, student_dir, setup.plan,
+                        "distillation plan", recipe.distill.alpha)
+    options = EvalOptions(seq_len=recipe.data.seq_len, samples=recipe.data.batch_size * recipe.data.val_batches,
+                          batch_size=recipe.data.batch_size, speed_seconds=1.0, device=str(setup.device))
+    was_training = setup.student.training
+    try:
+        result = evaluate_models([student], teacher, heldout, options)
+    finally:
+        setup.student.train(was_training)
+    def numbers(entry: dict) -> dict:
+        skip = ("layers", "heads", "kv_heads", "hidden")  # already in the plan
+        return {k: v for k, v in entry.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
+
+    return {**numbers(result["students"][0]), **{f"teacher_{k}": v for k, v in numbers(result["teacher"]).items()}}

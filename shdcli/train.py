@@ -535,7 +535,7 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
         save_lora_student(to_save, setup.tokenizer, student_dir, extra)
     elif to_save is not None:
         save_model_folder(to_save, setup.tokenizer, student_dir, extra)
-    final = _final_eval(setup, run.validation[-1])
+    final = _final_eval(setup, run.validation[-1], student_dir)
     metrics = {
         "recipe": recipe.resolved(),
         "plan": plan_dict,
@@ -561,8 +561,9 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
     return metrics
 
 
-def _final_eval(setup: Setup, last_val: dict[str, float]) -> dict[str, float]:
-    from shdcli.evaluate import embedding_agreement, perplexity
+def _final_eval(setup: Setup, last_val: dict[str, float], student_dir: Path | None = None) -> dict[str, float]:
+    """The last validation, plus what `shd eval` reports for this student (evaluate.final_evaluation)."""
+    from shdcli.evaluate import final_evaluation, perplexity
 
     out = dict(last_val)
     if setup.task == IMAGE_CLASSIFICATION:
@@ -571,11 +572,11 @@ def _final_eval(setup: Setup, last_val: dict[str, float]) -> dict[str, float]:
         setup.student.eval()
         for role, model in (("student", setup.student), ("teacher", setup.teacher)):
             out.update({f"{role}_{k}": v for k, v in accuracy_metrics(model, setup.val_batches, setup.device).items()})
-    elif setup.task == CAUSAL_LM:
+        setup.student.train()
+        return out
+    if setup.task == CAUSAL_LM:  # same packed validation blocks as val_perplexity, for a like-for-like number
         out["teacher_val_perplexity"] = perplexity(setup.teacher, setup.val_batches, setup.device)["perplexity"]
-    else:
-        setup.student.eval()
-        out.update(embedding_agreement(setup.student, setup.teacher, setup.val_batches, setup.device))
+    out.update(final_evaluation(setup, student_dir))
     return out
 
 

@@ -1,0 +1,673 @@
+"""`shd inspect-heads`: how alike a model's heads attend, and what squeezing them to K heads costs.
+
+Per layer, from q/k/v captured over a few text samples (capture.py; no `output_attentions`):
+  - js [H, H]: Jensen-Shannon divergence (nats) between the attention maps of every two heads,
+    averaged over samples and valid query rows (padding excluded). Bounded by ln 2.
+  - redundancy = 1 - mean off-diagonal JS / ln 2, in [0, 1]: 1 when every head attends exactly
+    like every other (the paper's Figure 1), 0 when every two heads attend to disjoint keys.
+  - for a target head count K: the groups (balanced by default; any per-layer grouping can be
+    passed in as a `Grouper`), the per-sample squeeze weights w of each group (shd.solve_weights,
+    `lsq`), their mean and spread (the paper's Figure 3), and the relative Frobenius error
+    ||A~ S - T|| / ||T|| of the squeezed group against the group's true output (shd.reconstruction_error),
+    for lsq, mean (fixed alpha) and select (hard selection). A layer's error pools its groups by
+    output energy, sqrt(sum_j ||E_j||^2 / sum_j ||T_j||^2), and is averaged over samples.
+  - suggested_heads: the smallest K (1..H) whose lsq error is at most the tolerance.
+
+Everything is computed by `inspect_heads` into a plain `HeadsReport` (numbers only); rendering
+(rich table, heat strip, PNGs, heads.json) lives below it and reads only that report.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.table import Table
+from rich.text import Text
+
+from shdcli import capture
+from shdcli.data import TokenBlocks, eval_batches, read_documents, tokenize
+from shdcli.errors import ShdError
+from shdcli.losses import group_features
+from shdcli.mapping import format_groups
+from shdcli.models import CAUSAL_LM, load_model, model_shape, output_projection, resolve_source
+from shdcli.report import write_json_atomic
+from shdcli.shd import (
+    attention_maps,
+    group_feature_bases,
+    group_heads,
+    js_divergence,
+    reconstruction_error,
+    solve_weights,
+    squeeze_statistics,
+)
+
+LN2 = math.log(2.0)
+MODES = ("lsq", "mean", "select")
+
+# (layer, K) -> K groups of that layer's heads. The default is shd.group_heads(H, K, mode); a
+# calibrated grouping (groups chosen per layer from data) plugs in here without touching the math.
+Grouper = Callable[[int, int], list[list[int]]]
+
+
+def default_heads(heads: int) -> int:
+    """Default target head count: half the heads, rounded up, at least 1."""
+    return max(1, math.ceil(heads / 2))
+
+
+def fixed_grouper(heads: int, mode: str = "balanced") -> Grouper:
+    return lambda layer, k: group_heads(heads, k, mode)
+
+
+def groups_per_layer_grouper(heads: int, target: int, groups: dict[int, list[list[int]]],
+                             mode: str = "balanced") -> Grouper:
+    """Use the given groups for the target K of the layers listed, `mode` groups everywhere else."""
+
+    def grouper(layer: int, k: int) -> list[list[int]]:
+        if k == target and layer in groups:
+            return groups[layer]
+        return group_heads(heads, k, mode)
+
+    return grouper
+
+
+# --------------------------------------------------------------------------- pure math
+def redundancy_score(js: torch.Tensor) -> float:
+    """1 - mean off-diagonal JS / ln 2 of a [H, H] JS matrix; 1 = all heads attend alike."""
+    h = js.shape[0]
+    if h < 2:
+        return 1.0
+    off = ~torch.eye(h, dtype=torch.bool)
+    return float(1.0 - js[off].mean() / LN2)
+
+
+def pairwise_js(maps: torch.Tensor, row_mask: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """Sum over valid query rows of JS(A_h[row], A_g[row]) for every head pair, and the row count.
+
+    maps [B, H, N, M] (rows sum to 1, masked keys 0), row_mask [B, N] bool or None.
+    Returns ([H, H] float64 sums, number of valid rows); divide to get the mean.
+    """
+    bsz, heads, n, _ = maps.shape
+    keep = torch.ones(bsz, n, dtype=torch.bool, device=maps.device) if row_mask is None else row_mask.bool()
+    out = torch.zeros(heads, heads, dtype=torch.float64)
+    for h in range(heads):  # one head against all: [B, H, N] at a time, not [B, H, H, N, M]
+        js = js_divergence(maps[:, h:h + 1], maps)
+        out[h] = torch.where(keep[:, None, :], js, torch.zeros_like(js)).sum(dim=(0, 2)).double().cpu()
+    return out, float(keep.sum())
+
+
+# --------------------------------------------------------------------------- the report
+@dataclass
+class GroupStats:
+    heads: list[int]
+    weight_mean: list[float]  # lsq weight of each head in the group, mean over samples
+    weight_std: list[float]
+    error: dict[str, float]  # alpha mode -> mean over samples of ||A~ S - T|| / ||T|| for this group
+    alpha: list[float]  # per sample: the weight of the group's first head (the paper's alpha for a pair)
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    redundancy: float
+    mean_js: float
+    js: list[list[float]]  # [H, H], nats
+    groups: list[GroupStats]
+    error: dict[str, float]  # alpha mode -> layer's relative reconstruction error at the target K
+    error_by_heads: dict[int, float]  # K -> lsq layer error (K = 1..H)
+    suggested_heads: int
+
+
+@dataclass
+class HeadsReport:
+    model: str
+    folder: str
+    model_type: str
+    task: str
+    layers: int
+    heads: int
+    kv_heads: int
+    data: str
+    samples: int
+    rows: int  # valid query rows the statistics average over, per layer
+    seq_len: int
+    target_heads: int
+    tolerance: float
+    grouping: str
+    features: str  # what X_h is: "V W_O" (per-head output) or "V"
+    layer_stats: list[LayerStats]
+    sample_index: int = 0
+    sample_tokens: list[str] = field(default_factory=list)
+    sample_maps: torch.Tensor | None = None  # [L, H, n, n] of the chosen sample (plots only)
+
+    @property
+    def suggested_total(self) -> int:
+        return sum(s.suggested_heads for s in self.layer_stats)
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("sample_maps",)}
+        for layer in out["layer_stats"]:
+            layer["error_by_heads"] = {str(k): v for k, v in layer["error_by_heads"].items()}
+        out["summary"] = {
+            "mean_redundancy": sum(s.redundancy for s in self.layer_stats) / max(1, len(self.layer_stats)),
+            "suggested_total_heads": self.suggested_total,
+            "teacher_total_heads": self.heads * self.layers,
+            "mean_error": {m: sum(s.error[m] for s in self.layer_stats) / max(1, len(self.layer_stats))
+                           for m in MODES},
+        }
+        return out
+
+
+class _LayerAccumulator:
+    """Running sums for one layer over batches."""
+
+    def __init__(self, heads: int, target: int, target_groups: list[list[int]]) -> None:
+        self.js = torch.zeros(heads, heads, dtype=torch.float64)
+        self.rows = 0.0
+        self.target = target
+        self.target_groups = target_groups
+        self.weights: list[list[torch.Tensor]] = [[] for _ in target_groups]  # per group: [B, k] lsq weights
+        self.errors: dict[str, list[torch.Tensor]] = {m: [] for m in MODES}  # [B] layer errors at the target K
+        self.group_errors: dict[str, list[torch.Tensor]] = {m: [] for m in MODES}  # [B, groups]
+        self.sweep: dict[int, list[torch.Tensor]] = {}  # K -> [B] lsq layer errors
+
+
+def gram_error(gram: torch.Tensor, rhs: torch.Tensor, t_sq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """||sum_h w_h A_h S - T||^2 / ||T||^2 from the squeeze statistics: (w'Gw - 2 b'w + ||T||^2) / ||T||^2.
+
+    gram [B, k, k], rhs [B, k] (shd.squeeze_statistics), t_sq [B] = ||T||^2, w [B, k] -> [B] (squared
+    relative error). Equals shd.reconstruction_error(...)^2 without recomputing the products.
+    """
+    g, b, w = gram.double(), rhs.double(), w.double()
+    err = torch.einsum("bk,bkl,bl->b", w, g, w) - 2 * (w * b).sum(-1) + t_sq.double()
+    return err.clamp_min(0.0) / t_sq.double().clamp_min(1e-30)
+
+
+def _group_errors(
+    maps: torch.Tensor, feats: list[torch.Tensor] | None, groups: list[list[int]], modes, row_mask: torch.Tensor,
+    exact: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Relative reconstruction errors of squeezing one layer's heads into `groups`, per alpha mode.
+
+    maps [B, H, N, M]; feats: one [B, k, M, D'] per group (None when every group is one head).
+    Padded query rows are zeroed in the maps, so they count neither in the statistics nor in the error.
+    Returns (layer error {mode: [B]}, group error {mode: [B, G]}, lsq weights: one [B, k] per group).
+    A group's error is ||A~ S - T|| / ||T|| (shd.reconstruction_error when exact, else the same number
+    from the Gram statistics, `gram_error`, for the cheap sweep over K); the layer's pools the groups by
+    output energy, sqrt(sum_j ||E_j||^2 / sum_j ||T_j||^2): the share of the layer's head output the
+    squeeze loses (a lone head loses nothing but its output counts).
+    """
+    bsz = maps.shape[0]
+    group_err = {m: torch.zeros(bsz, len(groups), dtype=torch.float64) for m in modes}
+    weights = [torch.ones(bsz, 1) if len(g) == 1 else None for g in groups]
+    if feats is None:
+        return {m: torch.zeros(bsz, dtype=torch.float64) for m in modes}, group_err, weights
+    masked = maps if row_mask is None else maps * row_mask[:, None, :, None].to(maps.dtype)
+    energy = torch.zeros(bsz, dtype=torch.float64)
+    lost = {m: torch.zeros(bsz, dtype=torch.float64) for m in modes}
+    by_size: dict[int, list[int]] = {}
+    for j, g in enumerate(groups):
+        by_size.setdefault(len(g), []).append(j)
+    # Groups of one size are stacked into the batch dimension (B*G), so the squeeze runs once per size.
+    for k, members in by_size.items():
+        n_g = len(members)
+        idx = torch.tensor([groups[j] for j in members], device=maps.device)  # [G, k]
+        sub = masked[:, idx].flatten(0, 1)  # [B*G, k, N, M]
+        x = torch.stack([feats[j] for j in members], dim=1).flatten(0, 1)  # [B*G, k, M, D']
+        t_sq = torch.matmul(sub, x).sum(dim=1).flatten(1).pow(2).sum(dim=-1)  # ||T_j||^2: [B*G]
+        energy += t_sq.double().cpu().view(bsz, n_g).sum(dim=1)
+        if k == 1:  # a lone head is passed through: nothing is lost
+            continue
+        gram, rhs = squeeze_statistics(sub, x)
+        for m in modes:
+            w = solve_weights(gram, rhs, m)  # [B*G, k]
+            if exact:
+                rel = reconstruction_error(sub, x, w)
+            else:
+                rel = gram_error(gram, rhs, t_sq, w).sqrt()
+            rel = rel.double().cpu().view(bsz, n_g)
+            group_err[m][:, members] = rel
+            lost[m] += (rel**2 * t_sq.double().cpu().view(bsz, n_g)).sum(dim=1)
+            if m == "lsq":
+                w = w.cpu().view(bsz, n_g, k)
+                for c, j in enumerate(members):
+                    weights[j] = w[:, c]
+    layer_err = {m: (lost[m] / energy.clamp_min(1e-30)).sqrt() for m in modes}
+    return layer_err, group_err, weights
+
+
+def _feature_bases(w_out: torch.Tensor, groups: list[list[int]], head_dim: int) -> list[torch.Tensor]:
+    """Per-group bases for X_h = V_h R_h: shd.group_feature_bases (width k d instead of D, exact) where
+    that halves the width or better; otherwise the plain rows W_O[h] (width D) and no eigendecomposition."""
+    d_model = w_out.shape[-1]
+    out = []
+    for group in groups:
+        if 2 * len(group) * head_dim <= d_model:
+            out.extend(group_feature_bases(w_out, [group], head_dim))
+        else:
+            out.append(torch.stack([w_out[h * head_dim:(h + 1) * head_dim] for h in group]))  # [k, d, D]
+    return out
+
+
+@torch.no_grad()
+def inspect_heads(
+    model: torch.nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    target_heads: int | None = None,
+    tolerance: float = 0.3,
+    grouper: Grouper | None = None,
+    grouping: str = "balanced",
+    sample_index: int = 0,
+    device: torch.device | str = "cpu",
+    tokenizer=None,
+    meta: dict | None = None,
+) -> HeadsReport:
+    """Run `model` (capture enabled here) over `batches` and measure every layer's heads.
+
+    batches: [{"input_ids": [B, N], "attention_mask": [B, N]}, ...]. grouper(layer, K) gives the K
+    head groups of a layer (default: balanced, or `grouping` = pairs). meta: descriptive fields of
+    the report (model, folder, data, seq_len, task).
+    """
+    shape = model_shape(model.config)
+    heads, n_layers = shape.heads, shape.layers
+    target = target_heads or default_heads(heads)
+    if not 1 <= target <= heads:
+        raise ShdError(f"--heads-to: {target} is outside 1..{heads} (the model has {heads} heads per layer)")
+    grouper = grouper or fixed_grouper(heads, grouping)
+    capture.enable(model)
+    model.eval().to(device)
+
+    # X_h = V_h W_O[h] through the reduced per-group bases (exact inner products, see shd.py),
+    # or V_h where the output projection cannot be found.
+    try:
+        w_out = {i: output_projection(model, i).detach().float() for i in range(n_layers)}
+        features = "V W_O"
+    except ShdError:
+        w_out, features = {}, "V"
+    bases_cache: dict[tuple[int, int], list[torch.Tensor] | None] = {}
+
+    def bases(layer: int, k: int, groups: list[list[int]]) -> list[torch.Tensor] | None:
+        if layer not in w_out:
+            return None
+        if (layer, k) not in bases_cache:
+            bases_cache[(layer, k)] = _feature_bases(w_out[layer], groups, shape.head_dim)
+        return bases_cache[(layer, k)]
+
+    acc = [_LayerAccumulator(heads, target, grouper(i, target)) for i in range(n_layers)]
+    recorder = capture.AttentionRecorder(set(range(n_layers)), keep_values=True)
+    seen = 0  # samples processed so far
+    sample_maps, sample_ids = [], None
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        row_mask = batch["attention_mask"].bool()
+        with recorder.active():
+            model(**batch)
+            records = dict(recorder.records)
+        if len(records) != n_layers:
+            raise ShdError(f"model: captured {len(records)} of {n_layers} attention layers; this model family "
+                           "does not route attention through transformers' AttentionInterface")
+        local = sample_index - seen if seen <= sample_index < seen + len(row_mask) else None
+        if local is not None:
+            length = int(row_mask[local].sum())
+            sample_ids = batch["input_ids"][local, :length].cpu()
+        for i in range(n_layers):
+            rec = records[i]
+            maps = attention_maps(rec.query, rec.keys_per_head(), rec.scaling, rec.allowed_rows(0, rec.query.shape[2]))
+            maps = maps.float()  # [B, H, N, M]
+            a = acc[i]
+            js, rows = pairwise_js(maps, row_mask)
+            a.js += js
+            a.rows += rows
+            if local is not None:
+                sample_maps.append(maps[local, :, :length, :length].cpu())
+            for k in range(1, heads + 1):
+                groups = a.target_groups if k == target else grouper(i, k)
+                modes = MODES if k == target else ("lsq",)
+                feats = None if all(len(g) == 1 for g in groups) else group_features(rec, groups, bases(i, k, groups))
+                layer_err, group_err, weights = _group_errors(maps, feats, groups, modes, row_mask, exact=k == target)
+                a.sweep.setdefault(k, []).append(layer_err["lsq"])
+                if k == target:
+                    for m in MODES:
+                        a.errors[m].append(layer_err[m])
+                        a.group_errors[m].append(group_err[m])
+                    for j, w in enumerate(weights):
+                        a.weights[j].append(w)
+        seen += len(row_mask)
+    if seen == 0:
+        raise ShdError("data: no text samples to run the model on; give a file with some text")
+
+    layer_stats = []
+    for i, a in enumerate(acc):
+        js = a.js / max(a.rows, 1.0)
+        error = {m: float(torch.cat(a.errors[m]).mean()) for m in MODES}
+        by_k = {k: float(torch.cat(v).mean()) for k, v in sorted(a.sweep.items())}
+        suggested = next(k for k, e in by_k.items() if e <= tolerance or k == heads)
+        groups = []
+        g_err = {m: torch.cat(a.group_errors[m]).mean(0) for m in MODES}
+        for j, (g, ws) in enumerate(zip(a.target_groups, a.weights)):
+            w = torch.cat(ws).double()
+            groups.append(GroupStats(
+                heads=list(g), weight_mean=w.mean(0).tolist(), weight_std=w.std(0, unbiased=False).tolist(),
+                error={m: float(g_err[m][j]) for m in MODES}, alpha=w[:, 0].tolist(),
+            ))
+        off = ~torch.eye(heads, dtype=torch.bool)
+        layer_stats.append(LayerStats(
+            layer=i, redundancy=redundancy_score(js), mean_js=float(js[off].mean()) if heads > 1 else 0.0,
+            js=js.tolist(), groups=groups, error=error, error_by_heads=by_k, suggested_heads=suggested,
+        ))
+    meta = meta or {}
+    tokens = []
+    if sample_ids is not None and tokenizer is not None:
+        tokens = [_token_label(tokenizer, t) for t in sample_ids.tolist()]
+    return HeadsReport(
+        model=meta.get("model", type(model).__name__), folder=str(meta.get("folder", "")),
+        model_type=shape.model_type, task=meta.get("task", ""), layers=n_layers, heads=heads,
+        kv_heads=shape.kv_heads, data=meta.get("data", ""), samples=seen, rows=int(acc[0].rows),
+        seq_len=int(meta.get("seq_len", 0)), target_heads=target, tolerance=tolerance,
+        grouping=meta.get("grouping", grouping), features=features, layer_stats=layer_stats,
+        sample_index=sample_index, sample_tokens=tokens,
+        sample_maps=torch.stack(sample_maps) if sample_maps else None,
+    )
+
+
+def _token_label(tokenizer, token_id: int) -> str:
+    text = tokenizer.decode([token_id])
+    text = text.replace("\n", "\\n")
+    return text if text.strip() else repr(text)
+
+
+# --------------------------------------------------------------------------- loading (CLI)
+def text_batches(docs: list[str], tokenizer, task: str, samples: int, seq_len: int,
+                 batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The first `samples` sequences of the text: packed seq_len blocks for a causal LM (as in
+    training), one padded sequence per document (cut at seq_len) for an encoder."""
+    blocks = tokenize(docs, tokenizer, seq_len, packed=task == CAUSAL_LM)
+    blocks = TokenBlocks(blocks.input_ids[:samples], blocks.attention_mask[:samples])
+    return eval_batches(blocks, batch_size)
+
+
+def run_inspect(model_spec: str, data: str = "builtin:sentences", samples: int = 32, seq_len: int = 64,
+                batch_size: int = 8, target_heads: int | None = None, tolerance: float = 0.3,
+                grouping: str = "balanced", sample_index: int = 0, device: str = "cpu") -> HeadsReport:
+    """Resolve and load a model (HF folder, .gguf, pkg://), read the text, and inspect its heads."""
+    if samples < 1:
+        raise ShdError("--samples: give at least 1 text sample")
+    if not 0 <= sample_index < samples:
+        raise ShdError(f"--sample: {sample_index} is outside 0..{samples - 1} (the samples inspected)")
+    if tolerance < 0:
+        raise ShdError("--tolerance: give a non-negative relative error, e.g. 0.3")
+    folder = resolve_source(model_spec, "MODEL")
+    model, tokenizer, task = load_model(folder, "MODEL")
+    if tokenizer is None:
+        raise ShdError(f"MODEL: {folder} has no tokenizer files; add tokenizer.json (or vocab files) to it")
+    shape = model_shape(model.config)
+    if shape.max_positions and seq_len > shape.max_positions:
+        raise ShdError(f"--seq-len: {seq_len} is longer than the model's {shape.max_positions} positions")
+    if target_heads is not None and not 1 <= target_heads <= shape.heads:
+        raise ShdError(f"--heads-to: {target_heads} is outside 1..{shape.heads} (the model has {shape.heads} heads)")
+    docs = read_documents(data, field="--data")
+    batches = text_batches(docs, tokenizer, task, samples, seq_len, batch_size)
+    n = sum(len(b["input_ids"]) for b in batches)
+    if sample_index >= n:
+        raise ShdError(f"--sample: {sample_index} is outside 0..{n - 1} (the text gives {n} samples)")
+    meta = {"model": model_spec, "folder": folder, "data": data, "seq_len": seq_len, "task": task,
+            "grouping": grouping}
+    return inspect_heads(model, batches, target_heads, tolerance, grouping=grouping, sample_index=sample_index,
+                         device=device, tokenizer=tokenizer, meta=meta)
+
+
+# --------------------------------------------------------------------------- terminal
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.2f}±{std:.2f}"
+
+
+def table_rows(report: HeadsReport) -> list[list[str]]:
+    """The table's cells, formatted from the report's numbers (the JSON holds the same numbers)."""
+    rows = []
+    for s in report.layer_stats:
+        multi = [g for g in s.groups if len(g.heads) > 1]
+        rows.append([
+            str(s.layer), f"{s.redundancy:.3f}",
+            f"{s.error['lsq']:.3f}", f"{s.error['mean']:.3f}", f"{s.error['select']:.3f}",
+            " ".join(f"{g.weight_mean[0]:.2f}" for g in multi) or "-",
+            " ".join(f"{g.weight_std[0]:.2f}" for g in multi) or "-",
+            str(s.suggested_heads),
+        ])
+    return rows
+
+
+TABLE_COLUMNS = ["layer", "redundancy", "err lsq", "err mean", "err select", "alpha mean per group",
+                 "alpha std per group", "min heads"]
+
+
+def heads_table(report: HeadsReport) -> Table:
+    groups = report.layer_stats[0].groups if report.layer_stats else []
+    table = Table(
+        title=f"{report.model}: {report.layers} layers x {report.heads} heads (kv {report.kv_heads}), "
+        f"{report.samples} samples / {report.rows} query rows of {report.data}; "
+        f"squeezed to {report.target_heads} heads, {report.grouping} groups "
+        f"{format_groups([g.heads for g in groups])}",
+        title_justify="left",
+        caption=f"redundancy = 1 - mean JS / ln 2 (1: heads attend alike). err: relative Frobenius error of the "
+        f"squeezed layer's head output (X = {report.features}); alpha: lsq weight of each group's first head; "
+        f"min heads: fewest heads with err lsq <= {report.tolerance:g} "
+        f"(total {report.suggested_total} of {report.heads * report.layers}).",
+        caption_justify="left",
+    )
+    for name in TABLE_COLUMNS:
+        table.add_column(name, justify="left" if name.startswith("alpha") else "right",
+                         no_wrap=not name.startswith("alpha"))
+    for row in table_rows(report):
+        table.add_row(*row)
+    return table
+
+
+_SHADES = " ░▒▓█"
+
+
+def _heat_colour(value: float) -> str:
+    """Blue (0) -> yellow (0.5) -> red (1), as an rgb() style."""
+    v = min(1.0, max(0.0, value))
+    if v < 0.5:
+        t = v / 0.5
+        r, g, b = int(40 + t * 215), int(70 + t * 150), int(200 - t * 160)
+    else:
+        t = (v - 0.5) / 0.5
+        r, g, b = 255, int(220 - t * 170), int(40 - t * 20)
+    return f"rgb({r},{g},{b})"
+
+
+def heat_strip(report: HeadsReport) -> Text:
+    """One coloured block per layer: its redundancy, relative to this model's lowest and highest."""
+    values = [s.redundancy for s in report.layer_stats]
+    lo, hi = min(values), max(values)
+    span = hi - lo if hi > lo else 1.0
+    text = Text("redundancy by layer ")
+    text.append(f"(0..{len(values) - 1}) ", style="dim")
+    for v in values:
+        rel = (v - lo) / span
+        shade = _SHADES[min(len(_SHADES) - 1, 1 + int(rel * (len(_SHADES) - 2) + 0.5))]
+        text.append(shade * 2, style=_heat_colour(rel))
+    text.append(f"  low {lo:.3f} ", style="dim")
+    text.append("██", style=_heat_colour(0.0))
+    text.append(" .. ", style="dim")
+    text.append("██", style=_heat_colour(1.0))
+    text.append(f" high {hi:.3f}", style="dim")
+    return text
+
+
+# --------------------------------------------------------------------------- files
+def have_matplotlib() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+PLOT_HINT = "matplotlib is not installed, so no PNGs were drawn; install it with: pip install 'shd[plot]'"
+
+
+def write_outputs(
+    report: HeadsReport, out: Path, plot_layers: list[int] | None = None
+) -> tuple[list[Path], str | None]:
+    """heads.json always; heads.png, alphas.png and attention_layerL.png when matplotlib is there.
+
+    Returns (files written, a note for the user or None).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ShdError(f"--out: {out} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "heads.json", report.to_dict())
+    files = [out / "heads.json"]
+    if not have_matplotlib():
+        return files, PLOT_HINT
+    layers = plot_layers if plot_layers is not None else default_plot_layers(report)
+    for layer in layers:
+        if not 0 <= layer < report.layers:
+            raise ShdError(f"--plot-layers: {layer} is outside 0..{report.layers - 1}")
+    files.append(plot_similarity_grid(report, out / "heads.png"))
+    files.append(plot_alphas(report, out / "alphas.png"))
+    for layer in layers:
+        files.append(plot_attention_maps(report, layer, out / f"attention_layer{layer}.png"))
+    return files, None
+
+
+def default_plot_layers(report: HeadsReport) -> list[int]:
+    """The most and the least redundant layers."""
+    order = sorted(report.layer_stats, key=lambda s: s.redundancy)
+    return sorted({order[-1].layer, order[0].layer})
+
+
+# --------------------------------------------------------------------------- plots (matplotlib: the `plot` extra)
+def _save(fig, path: Path) -> Path:
+    """Save through a temporary name so a crash never leaves half a PNG."""
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def _head_ticks(ax, heads: int) -> None:
+    step = 1 if heads <= 9 else 2 if heads <= 24 else 4
+    ticks = list(range(0, heads, step))
+    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+    ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=7)
+
+
+def plot_similarity_grid(report: HeadsReport, path: Path) -> Path:
+    """heads.png: one head x head JS heatmap per layer, shared colour scale, target groups outlined."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    n = report.layers
+    cols = min(6, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(2.2 * cols + 1.2, 2.2 * rows + 0.6), layout="constrained")
+    vmax = max(max(max(r) for r in s.js) for s in report.layer_stats) or LN2
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+    image = None
+    for ax, s in zip(axes, report.layer_stats):
+        image = ax.imshow(torch.tensor(s.js).numpy(), cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+        for g in s.groups:  # the target-K groups as boxes on the diagonal
+            lo, k = g.heads[0], len(g.heads)
+            if k > 1 and g.heads == list(range(lo, lo + k)):
+                ax.add_patch(Rectangle((lo - 0.5, lo - 0.5), k, k, fill=False, edgecolor="white", linewidth=1.2))
+        ax.set_title(f"layer {s.layer}  red. {s.redundancy:.2f}", fontsize=9)
+        _head_ticks(ax, report.heads)
+    fig.colorbar(image, ax=axes, shrink=0.9, label="Jensen-Shannon divergence (nats)\n0 = identical maps")
+    fig.suptitle(
+        f"{report.model}: head-by-head attention divergence per layer ({report.samples} samples); "
+        f"white boxes: groups for {report.target_heads} heads",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
+def plot_alphas(report: HeadsReport, path: Path) -> Path:
+    """alphas.png: distribution over samples of each layer's squeeze weight alpha (paper's Figure 3).
+
+    alpha is the lsq weight of a group's first head (for a pair: A~ = alpha A_p + (1 - alpha) A_q);
+    one violin per (layer, group) would be too many, so the groups of a layer are pooled.
+    """
+    from matplotlib.figure import Figure
+
+    data, positions, sizes = [], [], set()
+    for s in report.layer_stats:
+        pooled = [a for g in s.groups if len(g.heads) > 1 for a in g.alpha]
+        sizes |= {len(g.heads) for g in s.groups if len(g.heads) > 1}
+        if pooled:
+            data.append(pooled)
+            positions.append(s.layer)
+    fig = Figure(figsize=(max(6.5, 0.32 * report.layers + 2.5), 3.8), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    if data:
+        parts = ax.violinplot(data, positions=positions, widths=0.8, showmeans=True, showextrema=True)
+        for body in parts["bodies"]:
+            body.set_alpha(0.55)
+        for k in sorted(sizes):
+            ax.axhline(1.0 / k, color="grey", linestyle="--", linewidth=0.8)
+            ax.text(1.005, 1.0 / k, f"1/{k}", fontsize=8, color="grey", va="center",
+                    transform=ax.get_yaxis_transform())
+    else:
+        ax.text(0.5, 0.5, f"no group to squeeze: {report.target_heads} heads = the model's {report.heads}",
+                ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlim(-0.7, report.layers - 0.3)
+    ax.set_ylim(-0.03, 1.03)
+    step = 1 if report.layers <= 16 else 2
+    ax.set_xticks(list(range(0, report.layers, step)))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("alpha (weight of the group's first head)")
+    ax.set_title(
+        f"{report.model}: squeeze weights per layer, {report.heads} -> {report.target_heads} heads "
+        f"(lsq, {report.samples} samples, groups pooled)",
+        fontsize=10,
+    )
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_attention_maps(report: HeadsReport, layer: int, path: Path, max_heads: int = 12) -> Path:
+    """attention_layerL.png: the chosen sample's attention maps of a layer's heads side by side (Figure 1)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    if report.sample_maps is None:
+        raise ShdError("internal: the report holds no sample attention maps")
+    maps = report.sample_maps[layer]  # [H, n, n]
+    heads = min(report.heads, max_heads)
+    n = maps.shape[-1]
+    rows = math.ceil(heads / 6)
+    cols = math.ceil(heads / rows)
+    size = 2.4 if n <= 24 else 3.0
+    fig = Figure(figsize=(size * cols + 1.0, size * rows + 0.8), layout="constrained")
+    group_of = {h: j for j, g in enumerate(report.layer_stats[layer].groups) for h in g.heads}
+    labels = report.sample_tokens if len(report.sample_tokens) == n and n <= 40 else None
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(heads)]
+    # Log scale: an attention sink (a first token taking most of the mass) would flatten a linear one.
+    cmap = colormaps["magma"].copy()
+    cmap.set_bad("#c8c8c8")  # masked keys (weight exactly 0), e.g. the future under a causal mask
+    floor = 1e-3
+    image = None
+    for h, ax in enumerate(axes):
+        shown = maps[h].clamp_min(floor).masked_fill(maps[h] <= 0, float("nan"))
+        image = ax.imshow(shown.numpy(), cmap=cmap, norm=LogNorm(vmin=floor, vmax=1.0), interpolation="nearest")
+        ax.set_title(f"head {h} (group {group_of.get(h, '-')})", fontsize=9)
+        if labels is not None and h % cols == 0:
+            ax.set_yticks(range(n), labels, fontsize=6)
+        else:
+            ax.set_yticks([])
+        if labels is not None and h >= heads - cols:
+            ax.set_xticks(range(n), labels, fontsize=6, rotation=90)
+        else:
+            ax.set_xticks([])
+    fig.colorbar(image, ax=axes, shrink=0.9, label=f"attention weight (log scale, below {floor:g} shown as {floor:g})")
+    more = f", first {heads} of {report.heads} heads" if heads < report.heads else ""
+    fig.suptitle(
+        f"{report.model}: layer {layer} attention maps, sample {report.sample_index} ({n} tokens{more}); "
+        f"rows: queries, columns: keys" + ("; grey: masked" if bool((maps[:heads] <= 0).any()) else ""),
+        fontsize=10,
+    )
+    return _save(fig, path)
