@@ -610,7 +610,9 @@ def final_evaluation(setup, student_dir: Path | None) -> dict[str, float]:
         heldout = HeldOut(docs, f"validation split of {recipe.data.path} (decoded validation blocks)")
     teacher = EvalModel("teacher", setup.teacher, setup.tokenizer, setup.task,
                         resolve_source(recipe.teacher.path, "teacher.path"))
-    student = EvalModel("student", setup.student, setup.tokenizer, setup.task, student_dir, setup.plan,
+    from shdcli.distributed import unwrap
+
+    student = EvalModel("student", unwrap(setup.student), setup.tokenizer, setup.task, student_dir, setup.plan,
                         "distillation plan", recipe.distill.alpha)
     options = EvalOptions(seq_len=recipe.data.seq_len, samples=recipe.data.batch_size * recipe.data.val_batches,
                           batch_size=recipe.data.batch_size, speed_seconds=1.0, device=str(setup.device))

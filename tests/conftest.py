@@ -14,6 +14,9 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Tiny models are many small ops: one thread per process is faster than oversubscribing 2 cores
+# (also inherited by the CLI subprocesses the tests start).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tests.tiny import make_tiny, write_text  # noqa: E402
 

@@ -334,7 +334,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
         load_recipe(path)
     message = str(info.value)
     assert str(path) in message and "invalid YAML at line" in message
-    line = int(message.split("at line ")[1].split(";")[0])
+    line = int(message.split("at line ")[1].split(";")[0].split(" ")[0])
     assert 3 <= line <= 5
 
 
