@@ -92,17 +92,20 @@ def distill(
 @app.command("inspect-heads")
 def inspect_heads(
     model: Annotated[str, typer.Argument(help="HF model folder, .gguf file or pkg://package/path.")],
-    data: Annotated[str, typer.Option(help="Text: .txt / .jsonl file, builtin:sentences or builtin:pydoc.")] = (
-        "builtin:sentences"
-    ),
-    samples: Annotated[int, typer.Option(help="Text samples (sequences) to run the model on.")] = 32,
+    data: Annotated[str | None, typer.Option(help="Text: .txt / .jsonl file, builtin:sentences (default) or "
+                                             "builtin:pydoc; image classifiers: image folder, .npz or "
+                                             "builtin:digits (default).")] = None,
+    samples: Annotated[int, typer.Option(help="Samples (text sequences or images) to run the model on.")] = 32,
     heads_to: Annotated[
         int | None, typer.Option("--heads-to", help="Target head count K (default: half the heads, rounded up).")
     ] = None,
     tolerance: Annotated[
         float, typer.Option(help="Relative reconstruction error allowed when suggesting a layer's minimum heads.")
     ] = 0.3,
-    grouping: Annotated[str, typer.Option(help="Head grouping: balanced or pairs.")] = "balanced",
+    grouping: Annotated[str, typer.Option(help="Head grouping: balanced, pairs or calibrated (groups chosen on "
+                                          "half the samples, measured on the rest against contiguous ones).")] = (
+        "balanced"
+    ),
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sample (causal LMs: packed blocks).")] = 64,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 8,
     sample: Annotated[int, typer.Option(help="Which sample attention_layerL.png shows.")] = 0,
@@ -121,8 +124,8 @@ def inspect_heads(
 
     from shdcli import heads
 
-    if grouping not in ("balanced", "pairs"):
-        raise ShdError(f"--grouping: {grouping!r} is not a grouping; use balanced or pairs")
+    if grouping not in heads.GROUPINGS:
+        raise ShdError(f"--grouping: {grouping!r} is not a grouping; use {', '.join(heads.GROUPINGS)}")
     if batch_size < 1 or seq_len < 2:
         raise ShdError("--batch-size must be >= 1 and --seq-len >= 2")
     layers = _int_list(plot_layers, "--plot-layers")
@@ -157,7 +160,8 @@ def eval_(
         list[str] | None, typer.Option(help="More students for the same table (--compare A B or repeat it).")
     ] = None,
     data: Annotated[
-        str | None, typer.Option(help="Held-out text (default: the run's validation split, else builtin:sentences).")
+        str | None, typer.Option(help="Held-out text (default: the run's validation split, else builtin:sentences); "
+                                 "image classifiers: images (default: the run's data, held-out split).")
     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON instead of a table.")] = False,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence (encoders, attention, "
@@ -170,20 +174,26 @@ def eval_(
         Path | None, typer.Option(help="Sentence-similarity TSV (sentence1<TAB>sentence2<TAB>score) for Spearman.")
     ] = None,
     speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure CPU latency and throughput.")] = True,
-    out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file (image classifiers: eval.json "
+                                             "and confusion PNGs go to its folder too).")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads; 0 = torch's default.")] = 0,
 ) -> None:
-    """Measure students: quality, attention fidelity to the teacher, size and CPU speed."""
+    """Measure students: quality, attention fidelity to the teacher, size and CPU speed (image classifiers:
+    top-1/top-5 accuracy, confusion matrix PNG, size, latency)."""
     import json
 
-    from shdcli import evaluate
+    from shdcli import evaluate, vision
 
     _threads(threads)
     names = [student[0], *(compare or []), *student[1:]]
-    options = evaluate.EvalOptions(seq_len=seq_len, stride=stride, max_tokens=max_tokens, samples=samples,
-                                   batch_size=batch_size, speed=speed,
-                                   similarity=str(similarity) if similarity else None)
-    result = evaluate.run_eval(names, teacher, data, options, log=err_console.print)
+    # Image classifiers: top-1/top-5, confusion PNG, size, latency (vision.py); None for text models.
+    result = vision.eval_command(names, teacher, data, out, batch_size)
+    image = result is not None
+    if not image:
+        options = evaluate.EvalOptions(seq_len=seq_len, stride=stride, max_tokens=max_tokens, samples=samples,
+                                       batch_size=batch_size, speed=speed,
+                                       similarity=str(similarity) if similarity else None)
+        result = evaluate.run_eval(names, teacher, data, options, log=err_console.print)
     if out is not None:
         from shdcli.report import write_json_atomic
 
@@ -191,7 +201,7 @@ def eval_(
     if json_:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
-        console.print(evaluate.eval_table(result))
+        console.print(vision.format_eval(result) if image else evaluate.eval_table(result))
         for note in result["notes"]:
             console.print(f"[dim]note: {note}[/dim]")
 

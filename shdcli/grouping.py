@@ -369,9 +369,13 @@ def calibrate_groups(
 
 
 # --------------------------------------------------------------------------- from a teacher
+def _batch_size(batch: dict[str, torch.Tensor]) -> int:
+    return len(batch["input_ids"] if "input_ids" in batch else batch["pixel_values"])
+
+
 def _forward(teacher: torch.nn.Module, layers: list[int], batches: list[dict[str, torch.Tensor]],
              device: torch.device) -> Iterator[tuple[dict, torch.Tensor]]:
-    """Per calibration batch: ({layer: capture.LayerRecord with values}, valid rows [B, N] bool)."""
+    """Per calibration batch: ({layer: capture.LayerRecord with values}, valid rows [B, N] bool or None)."""
     from shdcli import capture
 
     capture.enable(teacher)
@@ -381,7 +385,7 @@ def _forward(teacher: torch.nn.Module, layers: list[int], batches: list[dict[str
         with torch.inference_mode(), recorder.active():
             teacher(**batch)
             records = dict(recorder.records)
-        yield records, batch["attention_mask"].bool()
+        yield records, batch["attention_mask"].bool() if "attention_mask" in batch else None  # None: images
 
 
 def calibrate_teacher(
@@ -405,7 +409,7 @@ def calibrate_teacher(
     from shdcli.models import model_shape, output_projection
 
     heads = model_shape(teacher.config).heads
-    samples = sum(len(b["input_ids"]) for b in batches)
+    samples = sum(_batch_size(b) for b in batches)
     layers = sorted(set(layers))
     per_layer = samples * heads**4 * 4
     use_stats = heads <= max_stats_heads and per_layer <= STATS_BUDGET_BYTES
@@ -446,7 +450,7 @@ def calibrate_plan(plan, teacher: torch.nn.Module, batches: list[dict[str, torch
         teacher.to(home).train(was_training)
     plan.groups = [[list(g) for g in chosen[t].groups] for _, t in plan.pairs]
     plan.representatives = [list(chosen[t].representatives) for _, t in plan.pairs]
-    samples = sum(len(b["input_ids"]) for b in batches)
+    samples = sum(_batch_size(b) for b in batches)
     plan.calibration = [
         {"teacher_layer": t, "samples": samples, "error": chosen[t].error,
          "contiguous_error": chosen[t].contiguous_error}

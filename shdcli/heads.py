@@ -34,7 +34,14 @@ from shdcli.data import TokenBlocks, eval_batches, read_documents, tokenize
 from shdcli.errors import ShdError
 from shdcli.losses import group_features
 from shdcli.mapping import format_groups
-from shdcli.models import CAUSAL_LM, load_model, model_shape, output_projection, resolve_source
+from shdcli.models import (
+    CAUSAL_LM,
+    IMAGE_CLASSIFICATION,
+    load_model,
+    model_shape,
+    output_projection,
+    resolve_source,
+)
 from shdcli.report import write_json_atomic
 from shdcli.shd import (
     attention_maps,
@@ -120,6 +127,11 @@ class LayerStats:
     error: dict[str, float]  # alpha mode -> layer's relative reconstruction error at the target K
     error_by_heads: dict[int, float]  # K -> lsq layer error (K = 1..H)
     suggested_heads: int
+    # With compare_contiguous: lsq layer error of the contiguous groups shd.group_heads(H, K) at the
+    # target K on the same samples, for `--grouping calibrated` to show its groups against them.
+    contiguous_error: float | None = None
+    # `--grouping calibrated`: grouping.LayerGrouping.to_dict() of this layer, errors on the calibration samples
+    calibration: dict | None = None
 
 
 @dataclass
@@ -143,6 +155,8 @@ class HeadsReport:
     sample_index: int = 0
     sample_tokens: list[str] = field(default_factory=list)
     sample_maps: torch.Tensor | None = None  # [L, H, n, n] of the chosen sample (plots only)
+    calibration_samples: int = 0  # `--grouping calibrated`: samples the groups were chosen on
+    calibration_heldout: bool = False  # whether those are disjoint from the `samples` measured
 
     @property
     def suggested_total(self) -> int:
@@ -265,12 +279,15 @@ def inspect_heads(
     device: torch.device | str = "cpu",
     tokenizer=None,
     meta: dict | None = None,
+    compare_contiguous: bool = False,
 ) -> HeadsReport:
     """Run `model` (capture enabled here) over `batches` and measure every layer's heads.
 
-    batches: [{"input_ids": [B, N], "attention_mask": [B, N]}, ...]. grouper(layer, K) gives the K
-    head groups of a layer (default: balanced, or `grouping` = pairs). meta: descriptive fields of
-    the report (model, folder, data, seq_len, task).
+    batches: [{"input_ids": [B, N], "attention_mask": [B, N]}, ...], or image batches
+    [{"pixel_values": [B, C, H, W]}, ...] (no padding: every query row counts, CLS included).
+    grouper(layer, K) gives the K head groups of a layer (default: balanced, or `grouping` = pairs).
+    compare_contiguous: also measure the contiguous groups at the target K (LayerStats.contiguous_error).
+    meta: descriptive fields of the report (model, folder, data, seq_len, task).
     """
     shape = model_shape(model.config)
     heads, n_layers = shape.heads, shape.layers
@@ -288,14 +305,18 @@ def inspect_heads(
         features = "V W_O"
     except ShdError:
         w_out, features = {}, "V"
-    bases_cache: dict[tuple[int, int], list[torch.Tensor] | None] = {}
+    bases_cache: dict[tuple, list[torch.Tensor] | None] = {}
 
-    def bases(layer: int, k: int, groups: list[list[int]]) -> list[torch.Tensor] | None:
+    def bases(layer: int, groups: list[list[int]]) -> list[torch.Tensor] | None:
         if layer not in w_out:
             return None
-        if (layer, k) not in bases_cache:
-            bases_cache[(layer, k)] = _feature_bases(w_out[layer], groups, shape.head_dim)
-        return bases_cache[(layer, k)]
+        key = (layer, tuple(tuple(g) for g in groups))
+        if key not in bases_cache:
+            bases_cache[key] = _feature_bases(w_out[layer], groups, shape.head_dim)
+        return bases_cache[key]
+
+    contiguous = group_heads(heads, target, "balanced")
+    contiguous_err: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # per layer: [B] lsq errors
 
     acc = [_LayerAccumulator(heads, target, grouper(i, target)) for i in range(n_layers)]
     recorder = capture.AttentionRecorder(set(range(n_layers)), keep_values=True)
@@ -303,17 +324,19 @@ def inspect_heads(
     sample_maps, sample_ids = [], None
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        row_mask = batch["attention_mask"].bool()
+        row_mask = batch["attention_mask"].bool() if "attention_mask" in batch else None  # None: images
+        bsz = len(next(iter(batch.values())))
         with recorder.active():
             model(**batch)
             records = dict(recorder.records)
         if len(records) != n_layers:
             raise ShdError(f"model: captured {len(records)} of {n_layers} attention layers; this model family "
                            "does not route attention through transformers' AttentionInterface")
-        local = sample_index - seen if seen <= sample_index < seen + len(row_mask) else None
+        local = sample_index - seen if seen <= sample_index < seen + bsz else None
         if local is not None:
-            length = int(row_mask[local].sum())
-            sample_ids = batch["input_ids"][local, :length].cpu()
+            length = None if row_mask is None else int(row_mask[local].sum())  # None: the whole image
+            if "input_ids" in batch:
+                sample_ids = batch["input_ids"][local, :length].cpu()
         for i in range(n_layers):
             rec = records[i]
             maps = attention_maps(rec.query, rec.keys_per_head(), rec.scaling, rec.allowed_rows(0, rec.query.shape[2]))
@@ -327,7 +350,7 @@ def inspect_heads(
             for k in range(1, heads + 1):
                 groups = a.target_groups if k == target else grouper(i, k)
                 modes = MODES if k == target else ("lsq",)
-                feats = None if all(len(g) == 1 for g in groups) else group_features(rec, groups, bases(i, k, groups))
+                feats = None if all(len(g) == 1 for g in groups) else group_features(rec, groups, bases(i, groups))
                 layer_err, group_err, weights = _group_errors(maps, feats, groups, modes, row_mask, exact=k == target)
                 a.sweep.setdefault(k, []).append(layer_err["lsq"])
                 if k == target:
@@ -336,7 +359,10 @@ def inspect_heads(
                         a.group_errors[m].append(group_err[m])
                     for j, w in enumerate(weights):
                         a.weights[j].append(w)
-        seen += len(row_mask)
+            if compare_contiguous and target < heads:
+                feats = group_features(rec, contiguous, bases(i, contiguous))
+                contiguous_err[i].append(_group_errors(maps, feats, contiguous, ("lsq",), row_mask)[0]["lsq"])
+        seen += bsz
     if seen == 0:
         raise ShdError("data: no text samples to run the model on; give a file with some text")
 
@@ -358,6 +384,8 @@ def inspect_heads(
         layer_stats.append(LayerStats(
             layer=i, redundancy=redundancy_score(js), mean_js=float(js[off].mean()) if heads > 1 else 0.0,
             js=js.tolist(), groups=groups, error=error, error_by_heads=by_k, suggested_heads=suggested,
+            contiguous_error=(None if not compare_contiguous else
+                              float(torch.cat(contiguous_err[i]).mean()) if contiguous_err[i] else 0.0),
         ))
     meta = meta or {}
     tokens = []
@@ -390,34 +418,92 @@ def text_batches(docs: list[str], tokenizer, task: str, samples: int, seq_len: i
     return eval_batches(blocks, batch_size)
 
 
-def run_inspect(model_spec: str, data: str = "builtin:sentences", samples: int = 32, seq_len: int = 64,
+GROUPINGS = ("balanced", "pairs", "calibrated")
+IMAGE_DATA = "builtin:digits"  # default samples for image classifiers (vision.py)
+
+
+def run_inspect(model_spec: str, data: str | None = None, samples: int = 32, seq_len: int = 64,
                 batch_size: int = 8, target_heads: int | None = None, tolerance: float = 0.3,
                 grouping: str = "balanced", sample_index: int = 0, device: str = "cpu") -> HeadsReport:
-    """Resolve and load a model (HF folder, .gguf, pkg://), read the text, and inspect its heads."""
+    """Resolve and load a model (HF folder, .gguf, pkg://), read its samples, and inspect its heads.
+
+    Text models read `data` (default builtin:sentences); image classifiers (ViT, DeiT) read images
+    (default builtin:digits, the fixed validation split of vision.py) and ignore seq_len.
+    grouping = calibrated chooses each layer's groups on the first half of the samples
+    (grouping.calibrate_teacher) and measures them, and the contiguous groups, on the other half.
+    """
     if samples < 1:
-        raise ShdError("--samples: give at least 1 text sample")
-    if not 0 <= sample_index < samples:
-        raise ShdError(f"--sample: {sample_index} is outside 0..{samples - 1} (the samples inspected)")
+        raise ShdError("--samples: give at least 1 sample")
+    if grouping not in GROUPINGS:
+        raise ShdError(f"--grouping: {grouping!r} is not a grouping; use {', '.join(GROUPINGS)}")
     if tolerance < 0:
         raise ShdError("--tolerance: give a non-negative relative error, e.g. 0.3")
     folder = resolve_source(model_spec, "MODEL")
     model, tokenizer, task = load_model(folder, "MODEL")
-    if tokenizer is None:
-        raise ShdError(f"MODEL: {folder} has no tokenizer files; add tokenizer.json (or vocab files) to it")
     shape = model_shape(model.config)
-    if shape.max_positions and seq_len > shape.max_positions:
-        raise ShdError(f"--seq-len: {seq_len} is longer than the model's {shape.max_positions} positions")
     if target_heads is not None and not 1 <= target_heads <= shape.heads:
         raise ShdError(f"--heads-to: {target_heads} is outside 1..{shape.heads} (the model has {shape.heads} heads)")
-    docs = read_documents(data, field="--data")
-    batches = text_batches(docs, tokenizer, task, samples, seq_len, batch_size)
-    n = sum(len(b["input_ids"]) for b in batches)
-    if sample_index >= n:
-        raise ShdError(f"--sample: {sample_index} is outside 0..{n - 1} (the text gives {n} samples)")
+    if task == IMAGE_CLASSIFICATION:
+        from shdcli.vision import image_batches
+
+        data = data or IMAGE_DATA
+        batches = image_batches(folder, data, samples, batch_size)
+        tokenizer = None  # the image processor: there are no tokens to label
+    else:
+        if tokenizer is None:
+            raise ShdError(f"MODEL: {folder} has no tokenizer files; add tokenizer.json (or vocab files) to it")
+        if shape.max_positions and seq_len > shape.max_positions:
+            raise ShdError(f"--seq-len: {seq_len} is longer than the model's {shape.max_positions} positions")
+        data = data or "builtin:sentences"
+        docs = read_documents(data, field="--data")
+        batches = text_batches(docs, tokenizer, task, samples, seq_len, batch_size)
+    # calibrated: the first half of the samples chooses the groups, the rest is measured (with one
+    # sample, both use it: the report says so in calibration_heldout)
+    total = sum(len(next(iter(b.values()))) for b in batches)
+    calib, batches = _split_batches(batches, total // 2) if grouping == "calibrated" else ([], batches)
+    n = sum(len(next(iter(b.values()))) for b in batches)
+    if n == 0:
+        raise ShdError("--data: no samples to run the model on; give data with some text or images")
+    if not 0 <= sample_index < n:
+        raise ShdError(f"--sample: {sample_index} is outside 0..{n - 1} (the {n} samples measured)")
     meta = {"model": model_spec, "folder": folder, "data": data, "seq_len": seq_len, "task": task,
             "grouping": grouping}
-    return inspect_heads(model, batches, target_heads, tolerance, grouping=grouping, sample_index=sample_index,
-                         device=device, tokenizer=tokenizer, meta=meta)
+    target = target_heads or default_heads(shape.heads)
+    grouper, chosen = None, {}
+    if grouping == "calibrated":
+        from shdcli.grouping import calibrate_teacher
+
+        model.eval().to(device)
+        chosen = calibrate_teacher(model, list(range(shape.layers)), calib or batches, target, device)
+        grouper = groups_per_layer_grouper(shape.heads, target, {i: c.groups for i, c in chosen.items()})
+    report = inspect_heads(model, batches, target, tolerance, grouper=grouper, grouping=grouping,
+                           sample_index=sample_index, device=device, tokenizer=tokenizer, meta=meta,
+                           compare_contiguous=grouping == "calibrated")
+    if task == IMAGE_CLASSIFICATION and report.sample_maps is not None:
+        report.seq_len = int(report.sample_maps.shape[-1])  # tokens per image: patches + CLS (+ distillation)
+    if chosen:
+        report.calibration_samples = sum(len(next(iter(b.values()))) for b in calib) if calib else n
+        report.calibration_heldout = bool(calib)
+        for s in report.layer_stats:
+            s.calibration = chosen[s.layer].to_dict() if s.layer in chosen else None
+    return report
+
+
+def _split_batches(batches: list[dict[str, torch.Tensor]], n_first: int) -> tuple[list[dict], list[dict]]:
+    """(first n_first samples, the rest) as batches; ([], batches) when nothing would be left to measure."""
+    total = sum(len(next(iter(b.values()))) for b in batches)
+    if not 0 < n_first < total:
+        return [], batches
+    first, rest, seen = [], [], 0
+    for b in batches:
+        size = len(next(iter(b.values())))
+        cut = min(size, max(0, n_first - seen))
+        if cut:
+            first.append({k: v[:cut] for k, v in b.items()})
+        if cut < size:
+            rest.append({k: v[cut:] for k, v in b.items()})
+        seen += size
+    return first, rest
 
 
 # --------------------------------------------------------------------------- terminal
@@ -437,30 +523,47 @@ def table_rows(report: HeadsReport) -> list[list[str]]:
             " ".join(f"{g.weight_std[0]:.2f}" for g in multi) or "-",
             str(s.suggested_heads),
         ])
+        if s.contiguous_error is not None:  # calibrated groups against the contiguous ones
+            cal = s.calibration
+            rows[-1] += [format_groups([g.heads for g in s.groups]), f"{s.contiguous_error:.3f}",
+                         f"{cal['error']:.3f} / {cal['contiguous_error']:.3f}" if cal else "-"]
     return rows
 
 
 TABLE_COLUMNS = ["layer", "redundancy", "err lsq", "err mean", "err select", "alpha mean per group",
                  "alpha std per group", "min heads"]
+# `--grouping calibrated` adds: the layer's groups, the contiguous groups' err lsq on the same samples,
+# and the mean group error of calibrated / contiguous groups on the calibration samples (grouping.py).
+CALIBRATED_COLUMNS = ["groups", "contiguous err lsq", "calib. set err: calibrated / contiguous"]
+
+
+def _calibrated(report: HeadsReport) -> bool:
+    return any(s.contiguous_error is not None for s in report.layer_stats)
 
 
 def heads_table(report: HeadsReport) -> Table:
     groups = report.layer_stats[0].groups if report.layer_stats else []
+    calibrated = _calibrated(report)
+    shown = "per layer (column groups)" if calibrated else format_groups([g.heads for g in groups])
+    note = ""
+    if calibrated:
+        where = "disjoint from" if report.calibration_heldout else "the same as"
+        note = (f" Calibrated groups chosen on {report.calibration_samples} samples, {where} the "
+                f"{report.samples} measured; last column: mean group error there (lsq).")
     table = Table(
         title=f"{report.model}: {report.layers} layers x {report.heads} heads (kv {report.kv_heads}), "
         f"{report.samples} samples / {report.rows} query rows of {report.data}; "
-        f"squeezed to {report.target_heads} heads, {report.grouping} groups "
-        f"{format_groups([g.heads for g in groups])}",
+        f"squeezed to {report.target_heads} heads, {report.grouping} groups {shown}",
         title_justify="left",
         caption=f"redundancy = 1 - mean JS / ln 2 (1: heads attend alike). err: relative Frobenius error of the "
         f"squeezed layer's head output (X = {report.features}); alpha: lsq weight of each group's first head; "
         f"min heads: fewest heads with err lsq <= {report.tolerance:g} "
-        f"(total {report.suggested_total} of {report.heads * report.layers}).",
+        f"(total {report.suggested_total} of {report.heads * report.layers}).{note}",
         caption_justify="left",
     )
-    for name in TABLE_COLUMNS:
-        table.add_column(name, justify="left" if name.startswith("alpha") else "right",
-                         no_wrap=not name.startswith("alpha"))
+    for name in TABLE_COLUMNS + (CALIBRATED_COLUMNS if calibrated else []):
+        wrap = name.startswith("alpha") or name == "groups"
+        table.add_column(name, justify="left" if wrap else "right", no_wrap=not wrap)
     for row in table_rows(report):
         table.add_row(*row)
     return table

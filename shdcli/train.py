@@ -173,7 +173,7 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     if recipe.distill.grouping == "calibrated":
         def calibrate(plan: Plan) -> None:
             batches = calibration_batches(train_blocks, recipe)
-            samples = sum(len(b["input_ids"]) for b in batches)
+            samples = sum(len(next(iter(b.values()))) for b in batches)
             console.print(f"calibrating head groups on {samples} training samples")
             calibrate_plan(plan, teacher, batches, device, recipe.distill.alpha, recipe.distill.temperature,
                            recipe.train.seed)
@@ -214,11 +214,17 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
                  use_logit, projector)
 
 
-def calibration_batches(blocks: TokenBlocks, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
-    """The first distill.calibration_batches training batches (a fixed, seeded draw; never validation)."""
-    stream = BatchStream(blocks, recipe.data.batch_size, recipe.train.seed)
+def calibration_batches(blocks, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
+    """The first distill.calibration_batches training batches (a fixed, seeded draw; never validation),
+    from TokenBlocks or, for image classifiers, a vision.ImageSet (pixels only: labels are not inputs)."""
+    if isinstance(blocks, TokenBlocks):
+        stream = BatchStream(blocks, recipe.data.batch_size, recipe.train.seed)
+    else:
+        from shdcli.vision import ImageStream
+
+        stream = ImageStream(blocks, recipe.data.batch_size, recipe.train.seed)
     n = min(recipe.distill.calibration_batches, math.ceil(len(blocks) / recipe.data.batch_size))
-    return [stream.next() for _ in range(max(1, n))]
+    return [{k: v for k, v in stream.next().items() if k != "labels"} for _ in range(max(1, n))]
 
 
 def feature_bases(teacher: torch.nn.Module, plan: Plan) -> dict[int, list[torch.Tensor] | None]:

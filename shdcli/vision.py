@@ -349,15 +349,21 @@ def train_val_data(recipe, processor, config) -> tuple[ImageSet, list[dict[str, 
 def image_batches(model_folder: str | Path, data_path: str, n_images: int = 32, batch_size: int = 8,
                   split: str = "val", val_fraction: float = 0.1) -> list[dict[str, torch.Tensor]]:
     """Processed image batches ({"pixel_values": [B, C, H, W]}) for a model folder, e.g. for
-    `shd inspect-heads` on ViT: the first n_images of the fixed validation (or train) split."""
+    `shd inspect-heads` on ViT: the first n_images of the fixed validation (or train) split. Labels
+    are not read, so any images will do (their classes need not be the model's)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_folder))
-    train, val = load_image_splits(data_path, load_processor(Path(model_folder), config), config, val_fraction)
-    chosen = val if split == "val" else train
-    rows = slice(0, min(n_images, len(chosen)))
-    subset = ImageSet(chosen.pixel_values[rows], chosen.labels[rows])
-    return [{"pixel_values": b["pixel_values"]} for b in eval_batches(subset, batch_size)]
+    raw = read_images(data_path, field="--data")
+    if raw.split is not None:
+        rows = [i for i, s in enumerate(raw.split) if s == split]
+    else:
+        rows = split_rows(len(raw.images), val_fraction)[1 if split == "val" else 0].tolist()
+    chosen = [raw.images[i] for i in rows[:n_images]]
+    if not chosen:
+        return []
+    pixels = pixel_values(chosen, load_processor(Path(model_folder), config), config)  # [S, C, H, W]
+    return [{"pixel_values": pixels[i:i + batch_size]} for i in range(0, len(pixels), batch_size)]
 
 
 # --------------------------------------------------------------------------- loss parts
@@ -541,6 +547,45 @@ def eval_hook(model_path: str, data_path: str | None, out_dir: str | Path, **kwa
         raise ShdError("--data: an image classifier is evaluated on images; give an image folder, .npz, datasets "
                        "folder or builtin:digits")
     return evaluate_classifier(folder, data_path, out_dir, **kwargs)
+
+
+def eval_command(names: list[str], teacher: str | None, data: str | None, out: Path | None,
+                 batch_size: int = 64) -> dict | None:
+    """`shd eval` for an image classifier; None when names[0] is not one (the text evaluation runs).
+
+    Defaults come from the student's run (metrics.json next to its folder, as for text): data = the
+    run's data.path and its held-out split (val_fraction), teacher = the run's teacher. eval.json and
+    the confusion PNGs go to the folder of --out, else to <student>_eval next to the student folder.
+    """
+    from shdcli.evaluate import run_info
+    from shdcli.models import resolve_source
+
+    folder = resolve_source(names[0], "STUDENT")
+    if not is_image_classifier(folder):
+        return None
+    if len(names) > 1:
+        raise ShdError("--compare: image classifiers are evaluated one at a time; run shd eval once per model")
+    info = run_info(folder)
+    run_data = info.recipe.get("data", {})
+    notes = []
+    if data is None and run_data.get("path"):
+        data = run_data["path"]
+        notes.append(f"data {data} (its held-out split) taken from {info.metrics_file}")
+    if teacher is None and info.recipe.get("teacher", {}).get("path"):
+        teacher = info.recipe["teacher"]["path"]
+        notes.append(f"teacher {teacher} taken from {info.metrics_file}")
+    same_data = data is not None and data == run_data.get("path")
+    if out is not None:
+        out_dir = Path(out).parent
+    else:  # next to the student (a pkg:// folder lives in site-packages: use the working folder there)
+        base = Path.cwd() / folder.name if names[0].startswith("pkg://") else folder
+        out_dir = base.parent / f"{base.name}_eval"
+    results = eval_hook(str(folder), data, out_dir, teacher_path=teacher, batch_size=batch_size,
+                        val_fraction=run_data.get("val_fraction", 0.1) if same_data else 0.1,
+                        image_field=run_data.get("image_field", "image") if same_data else "image",
+                        label_field=run_data.get("label_field", "label") if same_data else "label")
+    results["notes"] = notes
+    return results
 
 
 def format_eval(results: dict) -> str:
