@@ -129,6 +129,13 @@ class TokenBlocks:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def batch(self, rows) -> dict[str, torch.Tensor]:
+        """Rows (indices or a slice) as a model batch, all-padding columns trimmed."""
+        return trim(self.input_ids[rows], self.attention_mask[rows])
+
+    def repeat(self, times: int) -> TokenBlocks:
+        return TokenBlocks(self.input_ids.repeat(times, 1), self.attention_mask.repeat(times, 1))
+
 
 def _tokenizer_id(tokenizer) -> str:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), separators=(",", ":"))
@@ -201,17 +208,17 @@ def _special_affixes(tokenizer) -> tuple[list[int], list[int]]:
 
 
 class BatchStream:
-    """Endless shuffled batches over TokenBlocks; the order depends only on (seed, epoch).
+    """Endless shuffled batches over a row set (TokenBlocks, vision.ImageSet: anything with len,
+    batch(rows) and repeat(times)); the order depends only on (seed, epoch).
 
     Its position (epoch, index) is plain state, so a resumed run sees the very same batches.
     `rank`/`world` give each data-parallel rank its own slice of every global batch.
     """
 
-    def __init__(self, blocks: TokenBlocks, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, blocks, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
         if len(blocks) < batch_size * world:
             # Small corpora: repeat rows so every batch is full.
-            reps = -(-batch_size * world // len(blocks))
-            blocks = TokenBlocks(blocks.input_ids.repeat(reps, 1), blocks.attention_mask.repeat(reps, 1))
+            blocks = blocks.repeat(-(-batch_size * world // len(blocks)))
         self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
         self.rank, self.world = rank, world
         self.epoch, self.index = 0, 0
@@ -233,9 +240,9 @@ class BatchStream:
         if self.index + global_batch > len(self._order):
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._make_order()
-        rows = self._order[self.index + self.rank * self.batch_size: self.index + (self.rank + 1) * self.batch_size]
+        start = self.index + self.rank * self.batch_size
         self.index += global_batch
-        return trim(self.blocks.input_ids[rows], self.blocks.attention_mask[rows])
+        return self.blocks.batch(self._order[start:start + self.batch_size])
 
 
 def trim(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -245,14 +252,10 @@ def trim(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, tor
     return {"input_ids": input_ids[:, :length].long(), "attention_mask": attention_mask[:, :length].long()}
 
 
-def eval_batches(blocks: TokenBlocks, batch_size: int, limit: int | None = None) -> list[dict[str, torch.Tensor]]:
-    """Fixed, ordered validation batches."""
-    out = []
-    for start in range(0, len(blocks), batch_size):
-        if limit is not None and len(out) >= limit:
-            break
-        out.append(trim(blocks.input_ids[start:start + batch_size], blocks.attention_mask[start:start + batch_size]))
-    return out
+def eval_batches(blocks, batch_size: int, limit: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Fixed, ordered validation batches of a row set (TokenBlocks or vision.ImageSet)."""
+    starts = range(0, len(blocks), batch_size)
+    return [blocks.batch(slice(start, start + batch_size)) for start in starts[:limit]]
 
 
 # --------------------------------------------------------------------------- corpora larger than RAM

@@ -217,12 +217,7 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
 def calibration_batches(blocks, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
     """The first distill.calibration_batches training batches (a fixed, seeded draw; never validation),
     from TokenBlocks or, for image classifiers, a vision.ImageSet (pixels only: labels are not inputs)."""
-    if isinstance(blocks, TokenBlocks):
-        stream = BatchStream(blocks, recipe.data.batch_size, recipe.train.seed)
-    else:
-        from shdcli.vision import ImageStream
-
-        stream = ImageStream(blocks, recipe.data.batch_size, recipe.train.seed)
+    stream = BatchStream(blocks, recipe.data.batch_size, recipe.train.seed)
     n = min(recipe.distill.calibration_batches, math.ceil(len(blocks) / recipe.data.batch_size))
     return [{k: v for k, v in stream.next().items() if k != "labels"} for _ in range(max(1, n))]
 
@@ -463,12 +458,8 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
     distributed.barrier()
     setup_s = time.perf_counter() - t_start
 
-    stream_cls = BatchStream
-    if setup.task == IMAGE_CLASSIFICATION:
-        from shdcli.vision import ImageStream  # same interface over images
-
-        stream_cls = ImageStream
-    stream = stream_cls(setup.train_blocks, recipe.data.batch_size, recipe.train.seed, dist_info.rank, dist_info.world)
+    # Text (TokenBlocks) and images (vision.ImageSet) are both row sets a BatchStream serves.
+    stream = BatchStream(setup.train_blocks, recipe.data.batch_size, recipe.train.seed, dist_info.rank, dist_info.world)
     optimizer = make_optimizer(setup.student, recipe, setup.projector)
     scheduler = make_scheduler(optimizer, recipe)
     run = RunState()

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shdcli.data import BatchStream, eval_batches
 from shdcli.errors import ShdError
 
 SPLIT_SEED = 0
@@ -266,6 +267,9 @@ class ImageSet:
     def batch(self, rows) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.pixel_values[rows], "labels": self.labels[rows]}
 
+    def repeat(self, times: int) -> ImageSet:
+        return ImageSet(self.pixel_values.repeat(times, 1, 1, 1), self.labels.repeat(times))
+
 
 def split_rows(n: int, val_fraction: float, seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic (train rows, val rows): val is the first round(n * val_fraction) of a permutation."""
@@ -290,50 +294,6 @@ def load_image_splits(path: str, processor, config, val_fraction: float, image_f
     if max_images:
         train_rows = train_rows[:max_images]
     return ImageSet(pixels[train_rows], labels[train_rows]), ImageSet(pixels[val_rows], labels[val_rows])
-
-
-class ImageStream:
-    """Endless shuffled image batches; order depends only on (seed, epoch). Same interface as
-    data.BatchStream (next / state_dict / load_state_dict / rank, world)."""
-
-    def __init__(self, images: ImageSet, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        if len(images) < batch_size * world:
-            reps = -(-batch_size * world // len(images))
-            images = ImageSet(images.pixel_values.repeat(reps, 1, 1, 1), images.labels.repeat(reps))
-        self.images, self.batch_size, self.seed = images, batch_size, seed
-        self.rank, self.world = rank, world
-        self.epoch, self.index = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(len(self.images), generator=gen)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._order = self._make_order()
-
-    def next(self) -> dict[str, torch.Tensor]:
-        global_batch = self.batch_size * self.world
-        if self.index + global_batch > len(self._order):
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = self._make_order()
-        start = self.index + self.rank * self.batch_size
-        self.index += global_batch
-        return self.images.batch(self._order[start:start + self.batch_size])
-
-
-def eval_batches(images: ImageSet, batch_size: int, limit: int | None = None) -> list[dict[str, torch.Tensor]]:
-    """Fixed, ordered validation batches."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        if limit is not None and len(out) >= limit:
-            break
-        out.append(images.batch(slice(start, start + batch_size)))
-    return out
 
 
 def train_val_data(recipe, processor, config) -> tuple[ImageSet, list[dict[str, torch.Tensor]]]:
@@ -630,7 +590,7 @@ def make_teacher(out: str | Path, data: str = "builtin:digits", hidden: int = 19
     pixels = pixel_values(raw.images, processor, config)
     train_rows, val_rows = split_rows(len(labels), val_fraction)
     train, val = ImageSet(pixels[train_rows], labels[train_rows]), ImageSet(pixels[val_rows], labels[val_rows])
-    stream = ImageStream(train, batch_size, seed)
+    stream = BatchStream(train, batch_size, seed)
     steps = max(1, epochs * math.ceil(len(train) / batch_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     warmup = max(1, steps // 10)

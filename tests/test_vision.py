@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from shdcli import capture, models, vision
+from shdcli.data import BatchStream
 from shdcli.errors import ShdError
 from tests.conftest import run_cli
 
@@ -253,13 +254,13 @@ def test_topk_and_confusion():
 
 def test_image_stream_is_deterministic_and_covers_an_epoch():
     images = vision.ImageSet(torch.arange(10.0).view(10, 1, 1, 1), torch.arange(10))
-    a, b = vision.ImageStream(images, 4, seed=3), vision.ImageStream(images, 4, seed=3)
+    a, b = BatchStream(images, 4, seed=3), BatchStream(images, 4, seed=3)
     first = [a.next()["labels"] for _ in range(2)]
     assert all(torch.equal(x, b.next()["labels"]) for x in first)
     assert len(set(torch.cat(first).tolist())) == 8
     state = a.state_dict()
     nxt = a.next()["labels"]
-    c = vision.ImageStream(images, 4, seed=3)
+    c = BatchStream(images, 4, seed=3)
     c.load_state_dict(state)
     assert torch.equal(c.next()["labels"], nxt)
 
