@@ -87,6 +87,10 @@ class TrainSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    teacher_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="teacher weights (it only runs forward); auto = bfloat16 on a CUDA GPU that supports it"
+    )
+    compile: bool = Field(False, description="torch.compile the student (slow first steps; worth it on CUDA)")
 
 
 class Recipe(Section):
@@ -113,7 +117,7 @@ class Recipe(Section):
     def fingerprint(self) -> str:
         """Hash of everything that defines the run except its length and output place."""
         data = self.resolved()
-        for key in ("max_steps", "eval_every", "log_every", "device", "threads"):
+        for key in ("max_steps", "eval_every", "log_every", "device", "threads", "compile"):
             data["train"].pop(key, None)
         data.pop("output_dir", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -162,12 +162,30 @@ def prepare(recipe: Recipe, console: Console) -> Setup:
     for model in (teacher, student):
         capture.enable(model)
     teacher.eval().requires_grad_(False)
-    if amp_dtype is not None and device.type == "cuda":
-        teacher.to(amp_dtype)
+    t_dtype = teacher_dtype(recipe, device)
+    if t_dtype is not None:
+        teacher.to(t_dtype)
     teacher.to(device)
     student.to(device).train()
+    if recipe.train.compile:
+        # In place (same module, same state_dict keys). Capture still works: dynamo runs the recorder's
+        # Python side effects (tests/test_perf_quick.py); step_losses fails clearly if a layer goes missing.
+        student.compile()
     bases = feature_bases(teacher, plan)
     return Setup(recipe, device, amp_dtype, teacher, student, tokenizer, task, plan, bases, train_blocks, val, use_logit)
+
+
+def teacher_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
+    """dtype for the teacher's weights (None: leave them). It only runs forward, under inference_mode:
+    bfloat16 halves its memory and time on CUDA; auto picks it there (and keeps float32 on CPU)."""
+    choice = recipe.train.teacher_dtype
+    if choice == "bfloat16":
+        return torch.bfloat16
+    if choice == "float32":
+        return torch.float32
+    if device.type == "cuda" and (recipe.train.dtype == "bfloat16" or torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
 
 
 def feature_bases(teacher: torch.nn.Module, plan: Plan) -> dict[int, list[torch.Tensor] | None]:
@@ -209,6 +227,13 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
         parts["task"] = embedding_loss(s_out.last_hidden_state, t_out.last_hidden_state, mask)
     weights = {}
     if d.shd > 0:
+        missing = [i for i, _ in setup.plan.pairs if i not in s_records]
+        if missing:
+            raise ShdError(
+                f"student layers {missing}: their attention was not captured, so SHD has no maps for them"
+                + ("; set train.compile=false" if setup.recipe.train.compile else
+                   "; the model must route attention through transformers' AttentionInterface")
+            )
         result = shd_loss(
             t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases, mask.bool(),
             alpha=d.alpha, kind=d.attn_loss, tau=d.temperature, impl=d.impl, chunk_rows=d.chunk_rows,
