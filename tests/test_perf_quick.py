@@ -30,7 +30,7 @@ def test_perf_quick_runs_and_asserts_equivalence():
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     out = res.stdout
     assert "lean == naive (loss and student gradients, rtol 1e-4, fp32): OK, 12 cases" in out
-    for header in ("| N | B | student | floor | kd | lean | naive | SHD lean / KD |", "lean extra / naive extra"):
+    for header in ("| N | B | student | floor | kd | lean | naive | lean / naive |", "lean extra / naive extra"):
         assert header in out
     rows = [line for line in out.splitlines() if line.startswith(("| 16 |", "| 40 |", "| 96 |"))]
     assert len(rows) == 6  # three sizes, in the time table and in the memory table
