@@ -1,11 +1,11 @@
 """Task and logit losses, and the SHD attention loss over captured layers.
 
 The SHD loss is computed one mapped layer at a time from recorded q/k/v (capture.py):
-  naive: whole [B, H, N, M] maps per layer (the reference; what attention-KD code usually does);
-  lean:  row chunks of c queries; the squeeze's Gram statistics are accumulated over chunks
-         first (they are sums over rows), then each chunk's squeezed target and student map are
-         formed and the student chunk is checkpointed, so backward recomputes it instead of
-         keeping [B, H, N, M] alive. Peak extra memory O(B H c M) instead of O(L B H N M).
+  naive: whole [B, H, N, M] maps per layer, autograd through them (the obviously-correct reference;
+         what attention-KD code usually does): autograd keeps O(L B H N M) for backward.
+  lean:  lean.lean_layer_loss: row chunks, squeeze statistics accumulated over chunks first, the
+         student's loss and gradients fused in one autograd Function that keeps only dq, dk.
+         Peak extra memory O(B H c M + L B H N d); same loss and gradients.
 """
 
 from __future__ import annotations
@@ -14,15 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from shdcli.capture import LayerRecord
+from shdcli.lean import lean_layer_loss
 from shdcli.shd import (
     apply_weights,
     attention_kd_rows,
     attention_maps,
     attention_scores,
-    default_chunk_rows,
     loss_scale,
     solve_weights,
     squeeze_statistics,
@@ -147,36 +146,47 @@ def shd_loss(
     impl: str = "lean",
     chunk_rows: int = 0,
 ) -> ShdLossResult:
-    """SHD loss over mapped (student layer, teacher layer) pairs; mean over layers, batch, heads, rows."""
+    """SHD loss over mapped (student layer, teacher layer) pairs; mean over layers, batch, heads, rows.
+
+    chunk_rows: query rows per chunk in the lean path (0 = auto); the naive path takes whole maps.
+    """
+    if impl not in ("lean", "naive"):
+        raise ValueError(f"unknown SHD implementation {impl!r} (use lean or naive)")
     total = None
     count = None
     weights: dict[int, list[torch.Tensor]] = {}
     for (s_idx, t_idx), layer_groups in zip(pairs, groups):
         t_rec, s_rec = teacher_records[t_idx], student_records[s_idx]
-        n = s_rec.query.shape[2]
-        with torch.no_grad():
-            feats = group_features(t_rec, layer_groups, bases.get(t_idx))  # Hs x [B, k, M, D']
-        s_keys = s_rec.keys_per_head()
-        if impl == "naive":
-            chunk = n
+        if impl == "lean":
+            part, cnt, weights[s_idx] = lean_layer_loss(
+                t_rec, s_rec, layer_groups, bases.get(t_idx), row_mask, alpha, kind, tau, chunk_rows
+            )
         else:
-            chunk = chunk_rows or default_chunk_rows(s_rec.query.shape[0], t_rec.query.shape[1], t_rec.key.shape[2])
-        with torch.no_grad():
-            w = layer_weights(t_rec, feats, layer_groups, alpha, tau, chunk, row_mask)
-        weights[s_idx] = w
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            with torch.no_grad():
-                target = apply_weights(_rows(t_rec, start, stop, tau), layer_groups, w)  # [B, Hs, c, M]
-            rows = None if row_mask is None else row_mask[:, start:stop]
-            args = (s_rec.query[:, :, start:stop], s_keys, target, s_rec.allowed_rows(start, stop), rows,
-                    s_rec.scaling, tau, kind)
-            if impl == "naive":
-                part, cnt = _student_chunk_loss(*args)
-            else:
-                part, cnt = checkpoint(_student_chunk_loss, *args, use_reentrant=False)
-            total = part if total is None else total + part
-            count = cnt if count is None else count + cnt
+            part, cnt, weights[s_idx] = _naive_layer_loss(t_rec, s_rec, layer_groups, bases.get(t_idx), row_mask,
+                                                          alpha, kind, tau)
+        total = part if total is None else total + part
+        count = cnt if count is None else count + cnt
     if total is None:
         raise ValueError("no mapped layers")
     return ShdLossResult(loss_scale(kind, tau) * total / count.clamp_min(1.0), weights)
+
+
+def _naive_layer_loss(
+    t_rec: LayerRecord,
+    s_rec: LayerRecord,
+    layer_groups: list[list[int]],
+    bases: list[torch.Tensor] | None,
+    row_mask: torch.Tensor | None,
+    alpha: str,
+    kind: str,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The reference: whole teacher maps, squeezed; whole student map; autograd does the rest."""
+    n = s_rec.query.shape[2]
+    with torch.no_grad():
+        feats = group_features(t_rec, layer_groups, bases)  # Hs x [B, k, M, D']
+        w = layer_weights(t_rec, feats, layer_groups, alpha, tau, n, row_mask)
+        target = apply_weights(_rows(t_rec, 0, n, tau), layer_groups, w)  # [B, Hs, N, M]
+    part, cnt = _student_chunk_loss(s_rec.query, s_rec.keys_per_head(), target, s_rec.allowed_rows(0, n), row_mask,
+                                    s_rec.scaling, tau, kind)
+    return part, cnt, w

@@ -124,6 +124,10 @@ class TrainSpec(Section):
     )
     save_every: int = Field(50, ge=1, description="steps between checkpoints (also saved at the end and on Ctrl-C)")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in output_dir/checkpoints")
+    teacher_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="teacher weights (it only runs forward); auto = bfloat16 on a CUDA GPU that supports it"
+    )
+    compile: bool = Field(False, description="torch.compile the student (slow first steps; worth it on CUDA)")
 
 
 class Recipe(Section):
@@ -154,7 +158,7 @@ class Recipe(Section):
         """Hash of everything that defines the run except its length and output place."""
         data = self.resolved()
         for key in ("max_steps", "eval_every", "log_every", "device", "threads", "strategy", "save_every",
-                    "keep_checkpoints"):
+                    "keep_checkpoints", "compile"):
             data["train"].pop(key, None)
         for section in ("teacher", "student"):  # --allow-pickle changes how files load, not the run
             data[section].pop("allow_pickle", None)

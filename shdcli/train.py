@@ -199,10 +199,15 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     for model in (teacher, student):
         capture.enable(model)
     teacher.eval().requires_grad_(False)
-    if amp_dtype is not None and device.type == "cuda":
-        teacher.to(amp_dtype)
+    t_dtype = teacher_dtype(recipe, device)
+    if t_dtype is not None:
+        teacher.to(t_dtype)
     teacher.to(device)
     student.to(device).train()
+    if recipe.train.compile:
+        # In place (same module, same state_dict keys). Capture still works: dynamo runs the recorder's
+        # Python side effects (tests/test_perf_quick.py); step_losses fails clearly if a layer goes missing.
+        student.compile()
     student = distributed.wrap_student(student, recipe.train.strategy, device, amp_dtype, encoder=task != CAUSAL_LM)
     bases = feature_bases(teacher, plan)
     projector = None
@@ -220,6 +225,19 @@ def calibration_batches(blocks, recipe: Recipe) -> list[dict[str, torch.Tensor]]
     stream = BatchStream(blocks, recipe.data.batch_size, recipe.train.seed)
     n = min(recipe.distill.calibration_batches, math.ceil(len(blocks) / recipe.data.batch_size))
     return [{k: v for k, v in stream.next().items() if k != "labels"} for _ in range(max(1, n))]
+
+
+def teacher_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
+    """dtype for the teacher's weights (None: leave them). It only runs forward, under inference_mode:
+    bfloat16 halves its memory and time on CUDA; auto picks it there (and keeps float32 on CPU)."""
+    choice = recipe.train.teacher_dtype
+    if choice == "bfloat16":
+        return torch.bfloat16
+    if choice == "float32":
+        return torch.float32
+    if device.type == "cuda" and (recipe.train.dtype == "bfloat16" or torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
 
 
 def feature_bases(teacher: torch.nn.Module, plan: Plan) -> dict[int, list[torch.Tensor] | None]:
@@ -275,6 +293,14 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     else:
         parts["task"] = embedding_loss(s_out.last_hidden_state, t_out.last_hidden_state, mask)
     weights = {}
+    if d.shd > 0:
+        missing = [i for i, _ in setup.plan.pairs if i not in s_records]
+        if missing:
+            raise ShdError(
+                f"student layers {missing}: their attention was not captured, so SHD has no maps for them"
+                + ("; set train.compile=false" if setup.recipe.train.compile else
+                   "; the model must route attention through transformers' AttentionInterface")
+            )
     if d.shd > 0 and d.target != "squeeze":
         from shdcli.baselines import attention_target_loss
 
