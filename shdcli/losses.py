@@ -85,7 +85,9 @@ class ShdLossResult:
     weights: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # student layer -> Hs x [B, k]
 
 
-def group_features(record: LayerRecord, groups: list[list[int]], bases: list[torch.Tensor] | None) -> list[torch.Tensor]:
+def group_features(
+    record: LayerRecord, groups: list[list[int]], bases: list[torch.Tensor] | None
+) -> list[torch.Tensor]:
     """Per-group head features [B, k, M, D'] with X_h = V_h R_h (see shd.group_feature_bases), or
     V_h alone where the output projection is unknown. With GQA a query head uses its KV group's V."""
     v = record.values_per_head().float()  # [B, H, M, d]

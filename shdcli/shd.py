@@ -324,7 +324,11 @@ def loss_scale(kind: str, tau: float) -> float:
 
 
 def attention_kd_loss(
-    target: torch.Tensor, student_scores: torch.Tensor, row_mask: torch.Tensor | None, kind: str = "kl", tau: float = 1.0
+    target: torch.Tensor,
+    student_scores: torch.Tensor,
+    row_mask: torch.Tensor | None,
+    kind: str = "kl",
+    tau: float = 1.0,
 ) -> torch.Tensor:
     """Mean per-row attention distillation loss over (batch, heads, valid rows), scaled for tau."""
     total, count = attention_kd_rows(target, student_scores, row_mask, kind)
