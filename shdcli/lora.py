@@ -15,10 +15,7 @@ Needs the optional package peft (pip install peft).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +23,7 @@ from torch import nn
 
 from shdcli.errors import ShdError
 from shdcli.models import attention_params, decoder_layers
+from shdcli.report import write_folder_atomic
 
 
 def _peft():
@@ -94,22 +92,6 @@ def _plain_state(model: nn.Module, merged: bool) -> dict[str, torch.Tensor]:
     return state
 
 
-def _save_atomic(target: Path, write) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        write(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_lora_student(model: nn.Module, tokenizer, student_dir: Path, extra: dict[str, str] | None = None) -> None:
     """Write the merged student to student_dir and adapter + base beside it (see the module docstring)."""
     student_dir = Path(student_dir)
@@ -126,6 +108,6 @@ def save_lora_student(model: nn.Module, tokenizer, student_dir: Path, extra: dic
                 (tmp / name).write_text(text)
         return write
 
-    _save_atomic(lora_dir / "adapter", lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
-    _save_atomic(lora_dir / "base", write_plain(False, {}))
-    _save_atomic(student_dir, write_plain(True, extra or {}))
+    write_folder_atomic(lora_dir / "adapter", lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
+    write_folder_atomic(lora_dir / "base", write_plain(False, {}))
+    write_folder_atomic(student_dir, write_plain(True, extra or {}))

@@ -15,8 +15,6 @@ import hashlib
 import importlib.util
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 from torch import nn
 
 from shdcli.errors import ShdError
-from shdcli.report import fsync_dir, fsync_tree, make_readable
+from shdcli.report import write_folder_atomic
 
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
@@ -149,14 +147,7 @@ def convert_gguf(path: Path, field: str) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_model_folder(model, tokenizer, target)
     return target
 
 
@@ -464,28 +455,16 @@ def build_student(teacher: nn.Module, config, task: str) -> nn.Module:
 
 # --------------------------------------------------------------------------- saving
 def save_model_folder(model: nn.Module, tokenizer, target: Path, extra: dict[str, str] | None = None) -> None:
-    """Write an HF folder atomically: build it under a temporary name beside target, then rename."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    """Write an HF folder (weights as safetensors, tokenizer, extra text files) atomically."""
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        make_readable(tmp)
-        fsync_tree(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_folder_atomic(Path(target), fill)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,28 @@ def fsync_tree(folder: Path) -> None:
         else:
             fsync_dir(entry)
     fsync_dir(Path(folder))
+
+
+def write_folder_atomic(target: Path, fill: Callable[[Path], None]) -> None:
+    """Build a folder with fill(tmp) under a temporary name beside target, fsync it, then rename it
+    over target: readers see the old complete folder or the new complete one, never a mix."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        fill(tmp)
+        make_readable(tmp)
+        fsync_tree(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
