@@ -45,3 +45,22 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "shdcli", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=timeout)
+
+
+def run_main(monkeypatch, capture, *args: str) -> tuple[int, str, str]:
+    """The CLI's own main() in this process (no interpreter start-up): (exit code, stdout, stderr).
+
+    `capture` is pytest's capsys or capfd fixture; a wide terminal keeps rich tables on one line.
+    """
+    from shdcli import cli
+
+    monkeypatch.setattr(sys, "argv", ["shd", *args])
+    monkeypatch.setenv("COLUMNS", "250")
+    capture.readouterr()
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capture.readouterr()
+    return code, out, err

@@ -9,13 +9,12 @@ also runs as a subprocess so the whole path from `python -m` is checked once.
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_main
 
 STEPS = 3
 
@@ -111,18 +110,6 @@ def test_bad_key_subprocess(tmp_path, tiny_models, tiny_text):
 
 
 # =========================================================================== user errors, in-process
-def run_main(monkeypatch, capfd, *args: str) -> tuple[int, str, str]:
-    """Run shdcli.cli.main as `python -m shdcli` would, return (exit code, stdout, stderr)."""
-    from shdcli import cli
-
-    monkeypatch.setattr(sys, "argv", ["shd", *args])
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    out, err = capfd.readouterr()
-    return info.value.code, out, err
-
-
 def assert_user_error(code, out, err, *words):
     assert code == 2, (out, err)
     assert "Traceback" not in err and "Traceback" not in out

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -15,32 +14,12 @@ from rich.console import Console
 from shdcli import evaluate
 from shdcli.evaluate import EvalModel, EvalOptions, HeldOut
 from shdcli.models import load_model
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_main
 from tests.tiny import make_tiny
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: on a shared, busy machine one thread is far faster than several.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from shdcli import cli
-
-    monkeypatch.setattr(sys, "argv", ["shd", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 class BigramLM(torch.nn.Module):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -14,32 +13,11 @@ from rich.console import Console
 from shdcli import heads, shd
 from shdcli.data import read_documents
 from shdcli.models import load_model
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_main
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many tiny tensor ops: on a shared, busy machine one thread is far faster than several.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run the CLI entry point in this process (no interpreter start-up): (exit code, stdout, stderr)."""
-    from shdcli import cli
-
-    monkeypatch.setattr(sys, "argv", ["shd", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def rand_maps(b, h, n, m=None, seed=0, sharp=2.0):

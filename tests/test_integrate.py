@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,24 +13,8 @@ import torch
 
 from shdcli import heads, shd
 from shdcli.models import attention_params, decoder_layers, load_model, model_shape
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_main
 from tests.test_vision import save_teacher, write_npz
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """The CLI's own main() in this process (faster than a subprocess): (exit code, stdout, stderr)."""
-    from shdcli import cli
-
-    monkeypatch.setattr(sys, "argv", ["shd", *args])
-    monkeypatch.setenv("COLUMNS", "250")
-    capsys.readouterr()
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def check_partition(groups: list[list[int]], ht: int, hs: int) -> None:
