@@ -750,8 +750,8 @@ def plot_attention_maps(report: HeadsReport, layer: int, path: Path, max_heads: 
     labels = report.sample_tokens if len(report.sample_tokens) == n and n <= 40 else None
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(heads)]
     # Log scale: an attention sink (a first token taking most of the mass) would flatten a linear one.
-    cmap = colormaps["magma"].copy()
-    cmap.set_bad("#c8c8c8")  # masked keys (weight exactly 0), e.g. the future under a causal mask
+    # Masked keys (weight exactly 0, e.g. the future under a causal mask) in grey.
+    cmap = colormaps["magma"].with_extremes(bad="#c8c8c8")
     floor = 1e-3
     image = None
     for h, ax in enumerate(axes):
