@@ -25,9 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from shdcli import offline  # noqa: E402
+
+offline()
 
 from shdcli import capture, shd  # noqa: E402
 from shdcli.data import read_documents, split_documents, tokenize  # noqa: E402

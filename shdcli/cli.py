@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from shdcli import offline
 from shdcli.errors import ShdError
 
 app = typer.Typer(
@@ -28,11 +28,7 @@ _DEBUG = False
 
 
 def _offline() -> None:
-    # Nothing may reach a model hub: every model and tokenizer comes from local folders.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    offline()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

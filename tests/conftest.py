@@ -11,9 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from shdcli import offline  # noqa: E402
+
+offline()
 # Tiny models are many small ops: one thread per process is faster than oversubscribing 2 cores
 # (also inherited by the CLI subprocesses the tests start).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
