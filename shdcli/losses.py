@@ -101,40 +101,6 @@ def _rows(record: LayerRecord, start: int, stop: int, tau: float) -> torch.Tenso
     return attention_maps(q, record.keys_per_head(), record.scaling, record.allowed_rows(start, stop), tau)
 
 
-def layer_weights(
-    teacher: LayerRecord,
-    feats: list[torch.Tensor],
-    groups: list[list[int]],
-    mode: str,
-    tau: float,
-    chunk: int,
-    row_mask: torch.Tensor | None = None,
-) -> list[torch.Tensor]:
-    """Per-group squeeze weights for one teacher layer, statistics accumulated over row chunks."""
-    n, bsz = teacher.query.shape[2], teacher.query.shape[0]
-    device = teacher.query.device
-    multi = [i for i, g in enumerate(groups) if len(g) > 1]
-    if mode == "mean" or not multi:
-        return [torch.full((bsz, len(g)), 1.0 / len(g), device=device) for g in groups]
-    stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        maps = _rows(teacher, start, stop, tau)  # [B, Ht, c, M]
-        rows = None if row_mask is None else row_mask[:, start:stop]
-        for i in multi:
-            g, b = squeeze_statistics(maps[:, groups[i]], feats[i], rows)
-            stats[i] = (g, b) if i not in stats else (stats[i][0] + g, stats[i][1] + b)
-    return [solve_weights(*stats[i], mode) if i in stats else torch.ones(bsz, 1, device=device)
-            for i in range(len(groups))]
-
-
-def _student_chunk_loss(
-    q: torch.Tensor, k: torch.Tensor, target: torch.Tensor, allowed, row_mask, scaling: float, tau: float, kind: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = attention_scores(q, k, scaling, allowed, tau)  # [B, Hs, c, M]
-    return attention_kd_rows(target, scores, row_mask, kind)
-
-
 def shd_loss(
     teacher_records: dict[int, LayerRecord],
     student_records: dict[int, LayerRecord],
@@ -187,8 +153,9 @@ def _naive_layer_loss(
     n = s_rec.query.shape[2]
     with torch.no_grad():
         feats = group_features(t_rec, layer_groups, bases)  # Hs x [B, k, M, D']
-        w = layer_weights(t_rec, feats, layer_groups, alpha, tau, n, row_mask)
-        target = apply_weights(_rows(t_rec, 0, n, tau), layer_groups, w)  # [B, Hs, N, M]
-    part, cnt = _student_chunk_loss(s_rec.query, s_rec.keys_per_head(), target, s_rec.allowed_rows(0, n), row_mask,
-                                    s_rec.scaling, tau, kind)
+        maps = _rows(t_rec, 0, n, tau)  # [B, Ht, N, M]
+        w = [solve_weights(*squeeze_statistics(maps[:, g], f, row_mask), alpha) for g, f in zip(layer_groups, feats)]
+        target = apply_weights(maps, layer_groups, w)  # [B, Hs, N, M]
+    scores = attention_scores(s_rec.query, s_rec.keys_per_head(), s_rec.scaling, s_rec.allowed_rows(0, n), tau)
+    part, cnt = attention_kd_rows(target, scores, row_mask, kind)
     return part, cnt, w
