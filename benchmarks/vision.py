@@ -35,14 +35,16 @@ VARIANTS = {
     "logit KD + SHD": ["distill.logit=1", "distill.shd=1"],
 }
 SLUG = {"no KD (labels only)": "nokd", "logit KD": "kd", "logit KD + SHD": "kd_shd"}
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% Student t interval (n - 1 degrees of freedom)."""
+    from scipy import stats
+
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, float("nan")
-    return mean, T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def main() -> None:

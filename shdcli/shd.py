@@ -341,10 +341,3 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     kl_pm = torch.special.xlogy(p, p) - torch.special.xlogy(p, m)
     kl_qm = torch.special.xlogy(q, q) - torch.special.xlogy(q, m)
     return 0.5 * (kl_pm + kl_qm).sum(dim=-1)
-
-
-def default_chunk_rows(batch: int, heads: int, keys: int, budget_bytes: int = 64 * 2**20) -> int:
-    """Query rows per chunk so one [B, H, c, M] float32 block stays within budget_bytes."""
-    per_row = max(1, batch * heads * keys * 4)
-    return max(1, min(keys, budget_bytes // per_row)) if keys > 0 else 1
-

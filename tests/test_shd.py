@@ -1000,16 +1000,3 @@ def test_property_js_bounds_and_symmetry(seed, m, sharp):
     assert torch.isfinite(js).all()
     assert (js >= -1e-15).all() and (js <= math.log(2) + 1e-12).all()
     torch.testing.assert_close(js, shd.js_divergence(q, p), atol=1e-14, rtol=0)
-
-
-# =========================================================================== default_chunk_rows
-def test_default_chunk_rows_within_budget():
-    assert shd.default_chunk_rows(2, 12, 0) == 1
-    assert shd.default_chunk_rows(1, 1, 16) == 16
-    for batch, heads, keys in [(4, 12, 1024), (8, 25, 2048), (1, 40, 4096), (64, 64, 8192)]:
-        rows = shd.default_chunk_rows(batch, heads, keys)
-        assert 1 <= rows <= keys
-        if rows > 1:
-            assert batch * heads * rows * keys * 4 <= 64 * 2**20
-    assert shd.default_chunk_rows(1, 1, 100, budget_bytes=4 * 10) == 1
-    assert shd.default_chunk_rows(1, 1, 100, budget_bytes=4 * 100 * 7) == 7
