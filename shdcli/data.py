@@ -29,6 +29,7 @@ ASSETS = Path(__file__).parent / "assets"
 BUILTIN = {
     "builtin:pydoc": "CPython's pydoc help topics (~465 KB of English technical prose)",
     "builtin:sentences": "a few hundred ordinary English sentences shipped with shd",
+    "builtin:fortunes": "Debian's fortunes (~2.5 MB of quotations; apt-get install fortunes)",
 }
 
 
@@ -65,6 +66,8 @@ def read_documents(path: str, text_field: str = "text", field: str = "data.path"
         return [d for d in docs if len(d) > 40]
     if path == "builtin:sentences":
         return _split_text((ASSETS / "sentences.txt").read_text(encoding="utf-8"))
+    if path == "builtin:fortunes":
+        return fortune_documents(field)
     if path.startswith("builtin:"):
         raise ShdError(f"{field}: unknown builtin {path!r}; choose one of {', '.join(BUILTIN)}")
     file = Path(path).expanduser()
@@ -99,6 +102,22 @@ def read_documents(path: str, text_field: str = "text", field: str = "data.path"
     if not docs:
         raise ShdError(f"{field}: {path} holds no text; give a file with at least a few documents")
     return docs
+
+
+FORTUNES = Path("/usr/share/games/fortunes")
+
+
+def fortune_documents(field: str = "data.path", root: Path = FORTUNES) -> list[str]:
+    """Debian fortunes: entries separated by lines holding a single %, from every fortune file
+    (not the .dat indexes, .u8 copies or the offensive off/ folder), in sorted file order."""
+    files = sorted(f for f in root.glob("*") if f.is_file() and f.suffix not in (".dat", ".u8"))
+    if not files:
+        raise ShdError(f"{field}: builtin:fortunes needs Debian's fortunes in {root}; apt-get install fortunes")
+    docs: list[str] = []
+    for file in files:
+        text = file.read_text(encoding="utf-8", errors="replace")
+        docs += [" ".join(entry.split()) for entry in text.split("\n%\n")]
+    return [d for d in docs if len(d) > 40]
 
 
 def _split_text(text: str) -> list[str]:

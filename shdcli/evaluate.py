@@ -23,7 +23,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -305,6 +305,7 @@ class EvalOptions:
     samples: int = 64  # held-out sequences for embedding and attention metrics
     batch_size: int = 8
     speed: bool = True
+    attention: bool = True  # attention fidelity (one teacher + student pass per mapped layer pair: the slow part)
     speed_batches: tuple[int, ...] = (1, 8)
     speed_seconds: float = 2.0  # per batch size, all models together
     similarity: str | None = None  # sentence-similarity TSV
@@ -393,7 +394,7 @@ def evaluate_models(students: list[EvalModel], teacher: EvalModel | None, heldou
             notes.append("no sentence-similarity set ships offline (see offline_assets.md), so no Spearman "
                          "against human scores; pass --similarity FILE.tsv (sentence1<TAB>sentence2<TAB>score)")
 
-    if teacher is not None:
+    if teacher is not None and options.attention:
         t_shape = model_shape(teacher.model.config)
         for m in students:
             s_shape = model_shape(m.model.config)
@@ -598,9 +599,10 @@ def eval_table(result: dict) -> Table:
 
 
 # --------------------------------------------------------------------------- `shd distill`'s final evaluation
-def final_evaluation(setup, student_dir: Path | None) -> dict[str, float]:
+def final_evaluation(setup, student_dir: Path | None, speed: bool = True) -> dict[str, float]:
     """`shd eval student_dir --teacher <recipe teacher>` on the run's validation split, flattened:
-    the student's numbers under their own names, the teacher's with a `teacher_` prefix."""
+    the student's numbers under their own names, the teacher's with a `teacher_` prefix; with
+    data.ood_eval, the same quality metrics on that corpus under `ood_` (and `teacher_ood_`)."""
     recipe = setup.recipe
     try:
         heldout = heldout_from_recipe(recipe.resolved())
@@ -615,12 +617,39 @@ def final_evaluation(setup, student_dir: Path | None) -> dict[str, float]:
     student = EvalModel("student", unwrap(setup.student), setup.tokenizer, setup.task, student_dir, setup.plan,
                         "distillation plan", recipe.distill.alpha)
     options = EvalOptions(seq_len=recipe.data.seq_len, samples=recipe.data.batch_size * recipe.data.val_batches,
-                          batch_size=recipe.data.batch_size, speed_seconds=1.0, device=str(setup.device))
+                          batch_size=recipe.data.batch_size, speed=speed, speed_seconds=1.0, device=str(setup.device))
     was_training = setup.student.training
     try:
-        result = evaluate_models([student], teacher, heldout, options)
+        out = _flat(evaluate_models([student], teacher, heldout, options))
+        if recipe.data.ood_eval:
+            ood = ood_heldout(recipe.data.ood_eval)
+            result = evaluate_models([student], teacher, ood, replace(options, speed=False, attention=False))
+            out.update({_ood_key(k): v for k, v in _flat(result).items() if _is_quality(k)})
     finally:
         setup.student.train(was_training)
+    return out
+
+
+OOD_DOCUMENTS = 400  # documents of data.ood_eval scored (spread evenly over the corpus)
+
+
+def ood_heldout(path: str) -> HeldOut:
+    """An out-of-domain corpus for evaluation only: OOD_DOCUMENTS documents spread over it."""
+    docs = read_documents(path, field="data.ood_eval")
+    step = max(1, len(docs) // OOD_DOCUMENTS)
+    return HeldOut(docs[::step][:OOD_DOCUMENTS], f"{path} (every {step}th document, never trained on)")
+
+
+def _is_quality(key: str) -> bool:
+    base = key.removeprefix("teacher_")
+    return base in ("perplexity", "nll", "ppl_tokens", "shd_kl") or base.startswith(("embedding_", "similarity_"))
+
+
+def _ood_key(key: str) -> str:
+    return f"teacher_ood_{key.removeprefix('teacher_')}" if key.startswith("teacher_") else f"ood_{key}"
+
+
+def _flat(result: dict) -> dict[str, float]:
     def numbers(entry: dict) -> dict:
         skip = ("layers", "heads", "kv_heads", "hidden")  # already in the plan
         return {k: v for k, v in entry.items()

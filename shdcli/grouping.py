@@ -360,6 +360,40 @@ def _choose(cost: GroupCost, hs: int, seed: int, restarts: int) -> LayerGrouping
     )
 
 
+class SubsetCost(GroupCost):
+    """A GroupCost over a subset of a layer's heads, in local indices 0..len(heads)-1 (a search
+    confined to the query heads of one key/value head)."""
+
+    def __init__(self, base: GroupCost, heads: list[int]) -> None:
+        super().__init__(None, base.mode)
+        self.base, self.subset = base, list(heads)
+        self.samples, self.heads = base.samples, len(self.subset)
+
+    def blocks(self, group: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.base.blocks([self.subset[h] for h in group])
+
+
+def choose_groups_within(
+    source: torch.Tensor | GroupCost, blocks: list[list[int]], per_block: int, mode: str = "lsq", seed: int = 0,
+    restarts: int = 4,
+) -> LayerGrouping:
+    """choose_groups confined to blocks of heads: each block (e.g. the query heads of one teacher
+    KV head) is split into `per_block` groups on its own, so no group spans two blocks. Heads outside
+    every block are left out. Errors are means over all chosen groups."""
+    cost = source if isinstance(source, GroupCost) else GroupCost(source, mode)
+    groups, reps, errors, contiguous, group_errors = [], [], 0.0, 0.0, []
+    for block in blocks:
+        local = choose_groups(SubsetCost(cost, block), per_block, mode, seed, restarts)
+        groups += [[block[h] for h in g] for g in local.groups]
+        reps += [block[h] for h in local.representatives]
+        errors += local.error * per_block
+        contiguous += local.contiguous_error * per_block
+        group_errors += local.group_errors
+    n = max(1, len(groups))
+    return LayerGrouping(groups=groups, representatives=reps, error=errors / n, contiguous_error=contiguous / n,
+                         group_errors=group_errors)
+
+
 def calibrate_groups(
     stats_by_layer: dict[int, torch.Tensor | GroupCost], hs: int, mode: str = "lsq", seed: int = 0, restarts: int = 4
 ) -> dict[int, LayerGrouping]:
@@ -398,8 +432,12 @@ def calibrate_teacher(
     tau: float = 1.0,
     seed: int = 0,
     max_stats_heads: int = 16,
+    blocks: dict[int, list[list[int]]] | None = None,
 ) -> dict[int, LayerGrouping]:
     """Run the teacher (already on `device`) on calibration batches and choose groups per layer.
+
+    blocks: per layer, blocks of heads no group may span (the query heads of each kept teacher KV
+    head); then `hs` is the number of groups per block (choose_groups_within).
 
     Up to max_stats_heads heads (and while S H^4 float32 statistics per layer fit
     STATS_BUDGET_BYTES) the head statistics Q are computed for as many layers per pass over the
@@ -429,7 +467,9 @@ def calibrate_teacher(
                 kept = list(_forward(teacher, todo, batches, device))
                 sources = {todo[0]: RecordCost([r[todo[0]] for r, _ in kept], [m for _, m in kept], w_out[todo[0]],
                                                tau, mode)}
-            out.update(calibrate_groups(sources, hs, mode, seed))
+            for t, src in sources.items():
+                out[t] = (choose_groups(src, hs, mode, seed) if blocks is None
+                          else choose_groups_within(src, blocks[t], hs, mode, seed))
     return out
 
 

@@ -45,7 +45,13 @@ class FromTeacher(Section):
     kv_heads: int | None = Field(None, ge=1, description="key/value heads (GQA); default keeps the teacher's ratio")
     hidden_size: int | None = Field(None, ge=1)
     intermediate_size: int | None = Field(None, ge=1)
+    params: float | None = Field(None, gt=0.0, lt=1.0, description="target size as a fraction of the teacher's "
+                                 "parameters: free axes shrink in a documented order (README) until it fits")
     init: Literal["teacher", "random"] = "teacher"
+    prune: Literal["importance", "uniform"] = Field(
+        "importance", description="importance: keep the layers, heads, MLP neurons and channels that matter on "
+        "distill.calibration_batches training batches; uniform: evenly spaced layers and leading slices (baseline)"
+    )
 
 
 class LoraSpec(Section):
@@ -87,12 +93,15 @@ class DataSpec(Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     max_documents: int | None = Field(None, ge=2)
     val_batches: int = Field(8, ge=1)
+    ood_eval: PathText | None = Field(None, description="a second corpus (e.g. builtin:fortunes), never trained on, "
+                                      "scored at init and in the final evaluation (ood_* metrics)")
 
 
 class DistillSpec(Section):
     layers: Literal["auto", "last"] | list[tuple[int, int]] = "auto"
     grouping: Literal["balanced", "pairs", "calibrated"] = "balanced"
-    calibration_batches: int = Field(8, ge=1, description="training batches the teacher sees to calibrate grouping")
+    calibration_batches: int = Field(8, ge=1, description="training batches the teacher sees to calibrate grouping "
+                                     "and to measure pruning importance")
     alpha: Literal["lsq", "mean", "select"] = "lsq"
     attn_loss: Literal["kl", "mse", "cosine"] = "kl"
     # squeeze: SHD. projector / score_mean: the baselines of benchmarks/quality.py (see shdcli/baselines.py).

@@ -139,9 +139,15 @@ def render_report(metrics: dict) -> str:
     if val:
         keys = [k for k in val[0] if k != "step"]
         out.append(markdown_table(["step", *keys], [[v["step"], *[v.get(k, "") for k in keys]] for v in val]))
-    final = metrics.get("final_eval")
+    final, init = metrics.get("final_eval") or {}, metrics.get("init_eval") or {}
     if final:
-        out += ["", "## Final evaluation", "", markdown_table(["metric", "value"], [[k, v] for k, v in final.items()])]
+        # One row per metric: the teacher, the student as derived (step 0) and after training.
+        names = [k for k in final if not k.startswith("teacher_")]
+        names += [k for k in init if not k.startswith("teacher_") and k not in final]
+        rows = [[k, final.get(f"teacher_{k}", init.get(f"teacher_{k}", "")), init.get(k, ""), final.get(k, "")]
+                for k in names]
+        out += ["", "## Final evaluation", "",
+                markdown_table(["metric", "teacher", "student at init", "student (final)"], rows)]
     out += ["", "## Layer and head plan", ""]
     rows = []
     for (si, ti), groups in zip(plan["layers"], plan["groups"]):

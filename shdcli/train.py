@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -18,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shdcli import capture, checkpoint, checks, distributed
 from shdcli.data import BatchStream, TokenBlocks, eval_batches, load_blocks
 from shdcli.errors import ShdError
-from shdcli.grouping import calibrate_plan
+from shdcli.grouping import calibrate_plan, calibrate_teacher
 from shdcli.losses import causal_lm_loss, embedding_loss, logit_kd_loss, shd_loss
 from shdcli.mapping import Plan, layer_pairs, make_plan, plan_table
 from shdcli.models import (
@@ -26,8 +27,6 @@ from shdcli.models import (
     IMAGE_CLASSIFICATION,
     build_student,
     count_parameters,
-    derive_student_config,
-    init_student_from_teacher,
     load_model,
     model_shape,
     output_projection,
@@ -36,7 +35,18 @@ from shdcli.models import (
 )
 from shdcli.recipe import Recipe
 from shdcli.report import render_report, write_json_atomic, write_text_atomic
-from shdcli.shd import group_feature_bases, group_heads
+from shdcli.shd import group_feature_bases
+from shdcli.student import (
+    Derivation,
+    config_counter,
+    derivation_table,
+    derive,
+    has_fixed_head_dim,
+    init_from_teacher,
+    resolve_shape,
+    size_warning,
+    student_config,
+)
 
 
 @dataclass
@@ -57,6 +67,7 @@ class Setup:
     use_logit: bool
     # distill.target=projector: the trainable head-mixing matrices (baselines.py), dropped after training.
     projector: torch.nn.Module | None = None
+    derivation: Derivation | None = None  # what a derived student kept of its teacher (student.py)
     # Optional memo of teacher forwards keyed by batch content (benchmarks reuse one teacher pass across runs).
     teacher_cache: dict | None = None
     teacher_recorder: capture.AttentionRecorder = field(init=False)
@@ -93,52 +104,85 @@ def load_teacher(recipe: Recipe) -> tuple[torch.nn.Module, object, str, Path]:
 
 
 def make_student(
-    recipe: Recipe, teacher: torch.nn.Module, tokenizer, task: str, calibrate: Callable[[Plan], object] | None = None
-) -> tuple[torch.nn.Module, Plan]:
-    """Load or derive the student and make the plan; `calibrate(plan)` (calibrated grouping) may
-    rewrite the plan's groups before a derived student is initialised from them."""
+    recipe: Recipe, teacher: torch.nn.Module, tokenizer, task: str,
+    batches: Callable[[], list[dict[str, torch.Tensor]]] | None = None, device: torch.device | str = "cpu",
+    console: Console | None = None,
+) -> tuple[torch.nn.Module, Plan, Derivation | None]:
+    """Load or derive the student and make the SHD plan. `batches()` gives the calibration batches
+    (training data) that calibrated grouping and importance pruning measure the teacher on."""
     t_shape = model_shape(teacher.config)
-    spec = recipe.student
+    spec, d = recipe.student, recipe.distill
     if spec.path is not None:
         folder = resolve_source(spec.path, "student.path")
         student, s_tok, s_task = load_model(folder, "student.path", task=task, allow_pickle=spec.allow_pickle)
         s_shape = model_shape(student.config)
         checks.check_student_fits(t_shape, s_shape, tokenizer, s_tok)
-        plan = make_plan(t_shape, s_shape, recipe.distill.layers, recipe.distill.grouping)
-        if calibrate is not None:
-            calibrate(plan)
-        return student, plan
+        plan = make_plan(t_shape, s_shape, d.layers, d.grouping)
+        if d.grouping == "calibrated":
+            _announce_calibration(console, batches())
+            calibrate_plan(plan, teacher, batches(), device, d.alpha, d.temperature, recipe.train.seed)
+        return student, plan, None
     ft = spec.from_teacher
     assert ft is not None
-    layers = ft.layers or t_shape.layers
-    heads = ft.heads or t_shape.heads
-    if heads > t_shape.heads:
-        raise ShdError(
-            f"student.from_teacher.heads: {heads} is more than the teacher's {t_shape.heads} heads; "
-            f"choose at most {t_shape.heads}"
-        )
-    if layers > t_shape.layers:
-        raise ShdError(
-            f"student.from_teacher.layers: {layers} is more than the teacher's {t_shape.layers} layers; "
-            f"choose at most {t_shape.layers}"
-        )
-    if ft.kv_heads is not None and (heads % ft.kv_heads or ft.kv_heads > heads):
-        raise ShdError(f"student.from_teacher.kv_heads: {ft.kv_heads} must divide the student's {heads} heads")
-    init_pairs = layer_pairs(t_shape.layers, layers, "auto")
-    config = derive_student_config(teacher.config, init_pairs, heads, ft.kv_heads, ft.hidden_size, ft.intermediate_size)
+    # ---- shape
+    for name, value, limit in (("heads", ft.heads, t_shape.heads), ("layers", ft.layers, t_shape.layers)):
+        if value is not None and value > limit:
+            raise ShdError(f"student.from_teacher.{name}: {value} is more than the teacher's {limit} {name}; "
+                           f"choose at most {limit}")
+    if ft.kv_heads is not None and (ft.heads or t_shape.heads) % ft.kv_heads:
+        raise ShdError(f"student.from_teacher.kv_heads: {ft.kv_heads} must divide the student's "
+                       f"{ft.heads or t_shape.heads} heads")
+    shape = resolve_shape(t_shape, ft.layers, ft.heads, ft.kv_heads, ft.hidden_size, ft.intermediate_size, ft.params,
+                          config_counter(teacher, task), has_fixed_head_dim(teacher.config))
+    # ---- what to keep (measured on calibration batches) and the plan's layer pairs
+    prune = ft.prune if ft.init == "teacher" else "uniform"
+    needs_data = prune == "importance" or d.grouping == "calibrated"
+    calib = batches() if needs_data and batches is not None else []
+    if needs_data:
+        what = " and ".join(w for w, on in (("measuring the teacher for pruning", prune == "importance"),
+                                             ("calibrating head groups", d.grouping == "calibrated")) if on)
+        _announce_calibration(console, calib, what)
+    layouts_for = None
+    if d.grouping == "calibrated" and shape.heads < t_shape.heads:
+        def layouts_for(requests: dict[int, tuple[list[list[int]], int]]) -> dict[int, tuple[list, list]]:
+            chosen = calibrate_teacher(teacher, list(requests), calib, next(iter(requests.values()))[1], device,
+                                       d.alpha, d.temperature, recipe.train.seed,
+                                       blocks={t: b for t, (b, _) in requests.items()})
+            return {t: (c.groups, c.representatives, c) for t, c in chosen.items()}
+    explicit = [] if isinstance(d.layers, str) else [int(t) for _, t in d.layers]
+    home, was_training = next(teacher.parameters()).device, teacher.training
+    teacher.eval().to(device)  # measured where it runs; the init below copies on the teacher's home device
+    try:
+        derivation = derive(teacher, task, shape, prune, d.grouping, calib, device, layouts_for,
+                            extra_layers=explicit + ([t_shape.layers - 1] if d.layers == "last" else []))
+    finally:
+        teacher.to(home).train(was_training)
+    config = student_config(teacher.config, derivation.layers, shape)
     student = build_student(teacher, config, task)
-    plan = make_plan(t_shape, model_shape(student.config), recipe.distill.layers, recipe.distill.grouping)
-    if calibrate is not None:
-        calibrate(plan)
+    s_shape = model_shape(student.config)
+    pairs = derived_pairs(d.layers, derivation.layers, t_shape.layers)
+    plan = Plan(t_shape, s_shape, pairs, [derivation.layouts[t][0] for _, t in pairs], d.grouping,
+                [derivation.layouts[t][1] for _, t in pairs])
+    if d.grouping == "calibrated" and derivation.calibration:
+        plan.calibration = [{"teacher_layer": t, "samples": sum(len(next(iter(b.values()))) for b in calib),
+                             **derivation.calibration[t]} for _, t in pairs]
     if ft.init == "teacher":
-        # A student layer initialised from the very teacher layer it distils from takes that pair's
-        # groups and representatives (student head j starts from its own group); others stay balanced.
-        by_pair = {p: (g, r) for p, g, r in zip(plan.pairs, plan.groups, plan.representatives)}
-        base = group_heads(t_shape.heads, heads, "balanced")
-        groups = [by_pair.get(p, (base, None))[0] for p in init_pairs]
-        reps = [by_pair.get(p, (None, [g[0] for g in base]))[1] for p in init_pairs]
-        init_student_from_teacher(student, teacher, init_pairs, groups, reps)
-    return student, plan
+        init_from_teacher(student, teacher, derivation)
+    return student, plan, derivation
+
+
+def derived_pairs(spec, kept: list[int], teacher_layers: int) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs of a derived student: `auto` maps each student layer to
+    the teacher layer it was copied from; `last` the final layers; explicit lists as given."""
+    if spec == "auto":
+        return list(enumerate(kept))
+    return layer_pairs(teacher_layers, len(kept), spec)
+
+
+def _announce_calibration(console: Console | None, batches: list[dict[str, torch.Tensor]], what: str | None = None):
+    if console is not None:
+        samples = sum(len(next(iter(b.values()))) for b in batches)
+        console.print(f"{what or 'calibrating head groups'} on {samples} training samples")
 
 
 def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Setup:
@@ -169,15 +213,8 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
         val = eval_batches(val_blocks, recipe.data.batch_size * world, recipe.data.val_batches)
         val = [b for b in val if len(b["input_ids"]) >= world]  # every rank needs rows (FSDP: every rank runs)
 
-    calibrate = None
-    if recipe.distill.grouping == "calibrated":
-        def calibrate(plan: Plan) -> None:
-            batches = calibration_batches(train_blocks, recipe)
-            samples = sum(len(next(iter(b.values()))) for b in batches)
-            console.print(f"calibrating head groups on {samples} training samples")
-            calibrate_plan(plan, teacher, batches, device, recipe.distill.alpha, recipe.distill.temperature,
-                           recipe.train.seed)
-    student, plan = make_student(recipe, teacher, tokenizer, task, calibrate)
+    calibration = functools.cache(lambda: calibration_batches(train_blocks, recipe))
+    student, plan, derivation = make_student(recipe, teacher, tokenizer, task, calibration, device, console)
     if recipe.student.lora is not None:
         if recipe.train.strategy == "fsdp" and distributed.env_info().enabled:
             raise ShdError("student.lora: LoRA students train with train.strategy=ddp (adapters are small); set it")
@@ -216,7 +253,7 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
 
         projector = make_projector(plan, model_shape(teacher.config).heads, s_shape.heads).to(device)
     return Setup(recipe, device, amp_dtype, teacher, student, tokenizer, task, plan, bases, train_blocks, val,
-                 use_logit, projector)
+                 use_logit, projector, derivation)
 
 
 def calibration_batches(blocks, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
@@ -419,15 +456,18 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)
     stats: WeightStats = field(default_factory=WeightStats)
+    init_eval: dict = field(default_factory=dict)  # the final evaluation's metrics on the student at step 0
 
     def state_dict(self) -> dict:
         return {"tokens_seen": self.tokens_seen, "train_s": self.train_s, "history": self.history,
-                "validation": self.validation, "alpha_sums": self.stats.sums, "alpha_count": self.stats.count}
+                "validation": self.validation, "alpha_sums": self.stats.sums, "alpha_count": self.stats.count,
+                "init_eval": self.init_eval}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen, self.train_s = state["step"], state["tokens_seen"], state["train_s"]
         self.history, self.validation = state["history"], state["validation"]
         self.stats.sums, self.stats.count = state["alpha_sums"], state["alpha_count"]
+        self.init_eval = state.get("init_eval", {})
 
 
 class NonFinite(Exception):
@@ -478,6 +518,12 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
         console = Console(quiet=True)
     resume_from = checkpoint.check_output_dir(recipe, resume, overwrite)  # before the slow part: fail fast
     setup = prepare(recipe, console)
+    t_params, s_params = count_parameters(setup.teacher), count_parameters(distributed.unwrap(setup.student))
+    if setup.derivation is not None:
+        console.print(derivation_table(setup.derivation, model_shape(setup.teacher.config), s_params, t_params))
+    warning = size_warning(s_params, t_params)
+    if warning:
+        console.print(f"[yellow]{warning}[/yellow]")
     console.print(plan_table(setup.plan))
     if dist_info.is_main:
         checkpoint.claim_output_dir(recipe, overwrite)
@@ -514,6 +560,8 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
             console.print(f"nothing to resume in {out_dir}: starting at step 0")
         run.validation.append({"step": 0, **validate(setup)})
         console.print("validation at step 0: " + _fmt_losses(run.validation[-1]))
+        # The student at init, scored like the final student (size and speed are the same: not re-timed).
+        run.init_eval = _final_eval(setup, run.validation[0], speed=False)
 
     t_train, train_s_before = time.perf_counter(), run.train_s
     max_steps = recipe.train.max_steps
@@ -566,7 +614,9 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
         "steps_done": run.step,
         "history": run.history,
         "validation": run.validation,
+        "init_eval": run.init_eval,
         "final_eval": final,
+        "derivation": setup.derivation.to_dict() if setup.derivation is not None else None,
         "alphas": run.stats.summary(),
         "sizes": {"teacher_params": count_parameters(setup.teacher),
                   "student_params": count_parameters(setup.student),
@@ -584,7 +634,8 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
     return metrics
 
 
-def _final_eval(setup: Setup, last_val: dict[str, float], student_dir: Path | None = None) -> dict[str, float]:
+def _final_eval(setup: Setup, last_val: dict[str, float], student_dir: Path | None = None,
+                speed: bool = True) -> dict[str, float]:
     """The last validation, plus what `shd eval` reports for this student (evaluate.final_evaluation)."""
     from shdcli.evaluate import final_evaluation, perplexity
 
@@ -599,7 +650,7 @@ def _final_eval(setup: Setup, last_val: dict[str, float], student_dir: Path | No
         return out
     if setup.task == CAUSAL_LM:  # same packed validation blocks as val_perplexity, for a like-for-like number
         out["teacher_val_perplexity"] = perplexity(setup.teacher, setup.val_batches, setup.device)["perplexity"]
-    out.update(final_evaluation(setup, student_dir))
+    out.update(final_evaluation(setup, student_dir, speed))
     return out
 
 

@@ -251,10 +251,11 @@ def test_bad_statistics_shape_raises():
 
 
 # --------------------------------------------------------------------------- training path
-def tiny_recipe(teacher: Path, text: Path, out: Path, grouping_mode: str = "calibrated", **distill) -> dict:
+def tiny_recipe(teacher: Path, text: Path, out: Path, grouping_mode: str = "calibrated", heads: int = 3,
+                **distill) -> dict:
     return {
         "teacher": str(teacher),
-        "student": {"from_teacher": {"layers": 2, "heads": 3}},
+        "student": {"from_teacher": {"layers": 2, "heads": heads}},
         "data": {"path": str(text), "seq_len": 32, "batch_size": 4, "val_batches": 1},
         "distill": {"grouping": grouping_mode, "calibration_batches": 2, **distill},
         "train": {"max_steps": 1, "eval_every": 1, "warmup_steps": 0, "device": "cpu"},
@@ -269,7 +270,9 @@ def test_distill_with_calibrated_grouping_writes_groups(kind, tiny_models, tiny_
     from shdcli.recipe import validate_recipe
     from shdcli.train import run_distillation
 
-    recipe = validate_recipe(tiny_recipe(tiny_models[kind], tiny_text, tmp_path / "run"))
+    # llama: 6 heads in 2 KV heads -> 4 heads in 2 KV heads, so each KV head's 3 query heads are split in 2
+    heads = 4 if kind == "llama" else 3
+    recipe = validate_recipe(tiny_recipe(tiny_models[kind], tiny_text, tmp_path / "run", heads=heads))
     console = Console(record=True, width=200, file=open("/dev/null", "w"))  # noqa: SIM115
     metrics = run_distillation(recipe, console)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -280,7 +283,9 @@ def test_distill_with_calibrated_grouping_writes_groups(kind, tiny_models, tiny_
     assert student_plan["representatives"] == plan["representatives"]
     assert len(plan["groups"]) == len(plan["layers"]) == len(plan["calibration"])
     for layer_groups, reps, cal in zip(plan["groups"], plan["representatives"], plan["calibration"]):
-        check_partition(layer_groups, 6, 3)
+        check_partition(layer_groups, 6, heads)
+        if kind == "llama":  # no group spans two teacher KV heads
+            assert all(set(g) <= {0, 1, 2} or set(g) <= {3, 4, 5} for g in layer_groups)
         assert all(r in g for r, g in zip(reps, layer_groups))
         assert cal["error"] <= cal["contiguous_error"] + 1e-12 and cal["samples"] == 8
     text = console.export_text()
@@ -288,29 +293,30 @@ def test_distill_with_calibrated_grouping_writes_groups(kind, tiny_models, tiny_
     assert "<-{" in text
 
 
-def test_student_heads_start_from_their_groups_representatives(tiny_models, tiny_text, tmp_path):
-    """make_student's calibrate hook runs before the student is initialised: student head j takes
-    the q/o slices of its own group's representative, wherever that head sits."""
+def test_student_heads_start_from_their_calibrated_groups(tiny_models, tiny_text, tmp_path):
+    """Calibration runs before the student is initialised: student head j starts as the merged head
+    of its own calibrated group (mean query, summed W_O), wherever its heads sit."""
+    import functools
+
+    from shdcli.data import load_blocks
     from shdcli.models import decoder_layers
     from shdcli.recipe import validate_recipe
-    from shdcli.train import load_teacher, make_student
+    from shdcli.train import calibration_batches, load_teacher, make_student
 
-    recipe = validate_recipe(tiny_recipe(tiny_models["llama"], tiny_text, tmp_path / "run"))
+    recipe = validate_recipe(tiny_recipe(tiny_models["llama"], tiny_text, tmp_path / "run", heads=4))
     teacher, tokenizer, task, _ = load_teacher(recipe)
-    chosen = {1: ([[0, 5], [1, 4], [2, 3]], [5, 1, 3]), 3: ([[0, 3], [1, 5], [2, 4]], [3, 5, 4])}
-
-    def calibrate(plan):
-        plan.groups = [chosen[t][0] for _, t in plan.pairs]
-        plan.representatives = [chosen[t][1] for _, t in plan.pairs]
-
-    student, plan = make_student(recipe, teacher, tokenizer, task, calibrate)
-    assert plan.pairs == [(0, 1), (1, 3)]
+    train_blocks, _ = load_blocks(recipe.data, tokenizer, True, 0)
+    batches = functools.cache(lambda: calibration_batches(train_blocks, recipe))
+    student, plan, derivation = make_student(recipe, teacher, tokenizer, task, batches)
+    assert plan.pairs == list(enumerate(derivation.layers)) and plan.calibration
     d = 8
     for s, t in plan.pairs:
         s_att, t_att = decoder_layers(student)[s].self_attn, decoder_layers(teacher)[t].self_attn
-        for j, rep in enumerate(chosen[t][1]):
-            assert torch.equal(s_att.q_proj.weight[j * d:(j + 1) * d], t_att.q_proj.weight[rep * d:(rep + 1) * d])
-            assert torch.equal(s_att.o_proj.weight[:, j * d:(j + 1) * d], t_att.o_proj.weight[:, rep * d:(rep + 1) * d])
+        for j, group in enumerate(plan.groups[s]):
+            mean_q = sum(t_att.q_proj.weight[h * d:(h + 1) * d] for h in group) / len(group)
+            sum_o = sum(t_att.o_proj.weight[:, h * d:(h + 1) * d] for h in group)
+            torch.testing.assert_close(s_att.q_proj.weight[j * d:(j + 1) * d], mean_q)
+            torch.testing.assert_close(s_att.o_proj.weight[:, j * d:(j + 1) * d], sum_o)
 
 
 def test_recipe_rejects_unknown_grouping(tiny_models, tiny_text, tmp_path):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from shdcli import capture, models, vision
+from shdcli import student as student_lib
 from shdcli.data import BatchStream
 from shdcli.errors import ShdError
 from tests.conftest import run_cli
@@ -184,19 +185,29 @@ def test_vit_task_derivation_and_init(kind):
     assert (config.image_size, config.patch_size, config.num_labels) == (8, 4, 3)
     student = models.build_student(teacher, config, models.IMAGE_CLASSIFICATION)
     assert type(student) is type(teacher)
-    groups = [[[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]] * 2
-    models.init_student_from_teacher(student, teacher, pairs, groups)
-    t_layers, s_layers = models.decoder_layers(teacher), models.decoder_layers(student)
-    # head_dim 4 -> 12: student head j starts as the concatenation of teacher heads 3j..3j+2
-    torch.testing.assert_close(s_layers[1].attention.q_proj.weight, t_layers[2].attention.q_proj.weight)
+    kept = student_lib.derive(teacher, models.IMAGE_CLASSIFICATION, student_lib.StudentShape(2, 4, 4, 48, None),
+                              "uniform", "balanced", [])
+    layers = models.model_shape(teacher.config).layers
+    assert kept.layers == [math.ceil((i + 1) * layers / 2) - 1 for i in range(2)]  # uniform, last aligned
+    student_lib.init_from_teacher(student, teacher, kept)
     torch.testing.assert_close(student.classifier.weight, teacher.classifier.weight)
     x = torch.randn(2, 3, 8, 8)
     assert student(pixel_values=x).logits.shape == (2, 3)
+    # All heads and layers kept: the derived student is the teacher, output for output.
+    full = student_lib.StudentShape(layers, 12, 12, 48, teacher.config.intermediate_size)
+    same = models.build_student(teacher, student_lib.student_config(teacher.config, list(range(layers)), full),
+                                models.IMAGE_CLASSIFICATION).eval()
+    student_lib.init_from_teacher(same, teacher.eval(), student_lib.derive(
+        teacher, models.IMAGE_CLASSIFICATION, full, "uniform", "balanced", []))
+    with torch.no_grad():
+        torch.testing.assert_close(same(pixel_values=x).logits, teacher(pixel_values=x).logits, atol=1e-5, rtol=1e-4)
 
     narrow = models.derive_student_config(teacher.config, pairs, heads=3, kv_heads=None, hidden=24, intermediate=48)
     assert narrow.hidden_size == 24 and narrow.pooler_output_size == 24
     small = models.build_student(teacher, narrow, models.IMAGE_CLASSIFICATION)
-    models.init_student_from_teacher(small, teacher, pairs, [[[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]] * 2)
+    shape = student_lib.StudentShape(2, 3, 3, 24, 48)
+    student_lib.init_from_teacher(small, teacher, student_lib.derive(
+        teacher, models.IMAGE_CLASSIFICATION, shape, "importance", "balanced", [{"pixel_values": x}]))
     assert small(pixel_values=x).logits.shape == (2, 3)
     with pytest.raises(ShdError, match="not divisible"):
         models.derive_student_config(teacher.config, pairs, heads=5, kv_heads=None, hidden=None, intermediate=None)
