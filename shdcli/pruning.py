@@ -14,8 +14,9 @@ and ShortGPT's layer ranking:
     (its input passed straight through), measured as the distance of the output to the full
     teacher's (causal LM: token KL of the next-token distributions; encoder: 1 - cosine of the
     mean-pooled embeddings; classifier: KL of the class distributions). Layers are removed
-    iteratively: each round re-measures the remaining layers with the removals so far applied and
-    removes half of what is still to go (at least one), so interactions between removed blocks count.
+    iteratively on the first DEPTH_SEQUENCES calibration rows: each round re-measures the remaining
+    layers with the removals so far applied and removes two thirds of what is still to go (at least
+    one), so interactions between removed blocks count.
 
 Functions take the model and batches and return plain tensors / lists, so tests can check them on
 tiny models against brute force.
@@ -94,7 +95,8 @@ def skipping(model: nn.Module, layers: set[int] | list[int]) -> Iterator[None]:
             h.remove()
 
 
-DEPTH_BATCHES = 2  # calibration batches the depth search runs on (it costs ~2 L forwards per batch and round)
+DEPTH_SEQUENCES = 8  # calibration rows the depth search runs on (each round costs one forward per remaining layer)
+ROUND_FRACTION = 2 / 3  # share of the layers still to remove that one round removes (at least one)
 
 
 @dataclass
@@ -111,7 +113,7 @@ def choose_layers(model: nn.Module, batches: list[Batch], keep: int, task: str,
     total = model_shape(model.config).layers
     if not 1 <= keep <= total:
         raise ValueError(f"keep must be within 1..{total}, got {keep}")
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches[:DEPTH_BATCHES]]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in _first_rows(batches, DEPTH_SEQUENCES)]
     references = [_output(model, b, task) for b in batches]
 
     def distance(removed: set[int]) -> float:
@@ -127,11 +129,23 @@ def choose_layers(model: nn.Module, batches: list[Batch], keep: int, task: str,
         for i in candidates:
             scores[i] = distance(removed | {i})
         to_go = total - len(removed) - keep
-        step = max(1, to_go // 2)
+        step = max(1, int(to_go * ROUND_FRACTION))
         ranked = sorted(candidates, key=lambda i: (scores[i], i))  # least important first
         rounds.append(sorted(ranked[:step]))
         removed |= set(ranked[:step])
     return DepthChoice(sorted(set(range(total)) - removed), scores, rounds)
+
+
+def _first_rows(batches: list[Batch], rows: int) -> list[Batch]:
+    """The first `rows` rows of a list of batches (whole batches, the last one cut)."""
+    out = []
+    for b in batches:
+        if rows <= 0:
+            break
+        n = len(next(iter(b.values())))
+        out.append({k: v[:rows] for k, v in b.items()})
+        rows -= n
+    return out
 
 
 def uniform_layers(teacher_layers: int, student_layers: int) -> list[int]:
