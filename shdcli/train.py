@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shdcli import capture, checkpoint, checks, distributed
 from shdcli.data import BatchStream, TokenBlocks, eval_batches, load_blocks
 from shdcli.errors import ShdError
+from shdcli.evaluate import ood_heldout
 from shdcli.grouping import calibrate_plan, calibrate_teacher
 from shdcli.losses import causal_lm_loss, embedding_loss, logit_kd_loss, shd_loss
 from shdcli.mapping import Plan, layer_pairs, make_plan, plan_table
@@ -213,6 +214,8 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
         val = eval_batches(val_blocks, recipe.data.batch_size * world, recipe.data.val_batches)
         val = [b for b in val if len(b["input_ids"]) >= world]  # every rank needs rows (FSDP: every rank runs)
 
+    if recipe.data.ood_eval:  # read now: a missing corpus must not fail the run after training
+        ood_heldout(recipe.data.ood_eval)
     calibration = functools.cache(lambda: calibration_batches(train_blocks, recipe))
     student, plan, derivation = make_student(recipe, teacher, tokenizer, task, calibration, device, console)
     if recipe.student.lora is not None:
@@ -292,6 +295,10 @@ def autocast(setup: Setup):
     return torch.autocast(device_type=setup.device.type, dtype=setup.amp_dtype)
 
 
+def channels_match(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor, channels: list[int]) -> bool:
+    return teacher_hidden.shape[-1] > student_hidden.shape[-1] == len(channels)
+
+
 def teacher_forward(setup: Setup, batch: dict[str, torch.Tensor]):
     if setup.teacher_cache is not None:
         key = (tuple(batch["input_ids"].shape), batch["input_ids"].cpu().numpy().tobytes(),
@@ -328,7 +335,12 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
         if setup.use_logit:
             parts["logit"] = logit_kd_loss(s_out.logits, t_out.logits, mask, d.logit_temperature)
     else:
-        parts["task"] = embedding_loss(s_out.last_hidden_state, t_out.last_hidden_state, mask)
+        t_hidden = t_out.last_hidden_state  # [B, N, D_t]
+        channels = setup.derivation.channels if setup.derivation is not None else None
+        if channels is not None and channels_match(t_hidden, s_out.last_hidden_state, channels):
+            # A width-pruned student started as the teacher on its kept channels: match it there.
+            t_hidden = t_hidden[..., channels]
+        parts["task"] = embedding_loss(s_out.last_hidden_state, t_hidden, mask)
     weights = {}
     if d.shd > 0:
         missing = [i for i, _ in setup.plan.pairs if i not in s_records]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
 
+from shdcli.data import FORTUNES
 from shdcli.recipe import load_recipe
 from tests.conftest import ROOT, run_cli
 
@@ -42,6 +43,8 @@ def test_recipe_runs_on_real_teacher(recipe: Path, tmp_path: Path):
                                "--epochs", "1"], capture_output=True, text=True, env=env)
         assert made.returncode == 0, made.stderr[-3000:]
         teacher = ["--set", f"teacher.path={tmp_path / 'vit'}"]
+    if load_recipe(recipe).data.ood_eval == "builtin:fortunes" and not FORTUNES.is_dir():
+        teacher += ["--set", "data.ood_eval=builtin:sentences"]  # apt-get install fortunes for the real one
     result = run_cli(
         "distill", str(recipe), *teacher,
         "--set", "train.max_steps=2", "--set", "train.eval_every=2", "--set", "data.val_batches=1",
@@ -62,3 +65,20 @@ def test_recipe_runs_on_real_teacher(recipe: Path, tmp_path: Path):
     student = cls.from_pretrained(out / "student")
     plan = metrics["plan"]
     assert student.config.num_attention_heads == plan["student"]["heads"] < plan["teacher"]["heads"]
+
+
+def test_students_benchmark_matches_the_default_recipes():
+    """benchmarks/students.py's "combined" shape and training settings are those the recipes ship."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import students
+
+    for name, file in (("smollm2", "smollm2_9to3.yaml"), ("minilm", "minilm_12to4.yaml")):
+        recipe = load_recipe(ROOT / "recipes" / file)
+        base, shapes = students.TEACHERS[name]
+        ft = recipe.student.from_teacher
+        assert {k: getattr(ft, k) for k in shapes["combined"]} == shapes["combined"]
+        assert ft.prune == "importance" and recipe.data.ood_eval == base["data"]["ood_eval"]
+        for key in ("max_steps", "lr", "warmup_steps"):
+            assert getattr(recipe.train, key) == base["train"][key], key
+        for key in ("batch_size", "seq_len"):
+            assert getattr(recipe.data, key) == base["data"][key], key
