@@ -95,7 +95,7 @@ def skipping(model: nn.Module, layers: set[int] | list[int]) -> Iterator[None]:
             h.remove()
 
 
-DEPTH_SEQUENCES = 8  # calibration rows the depth search runs on (each round costs one forward per remaining layer)
+DEPTH_SEQUENCES = 4  # calibration rows the depth search runs on (each round costs one forward per remaining layer)
 ROUND_FRACTION = 2 / 3  # share of the layers still to remove that one round removes (at least one)
 
 
@@ -109,31 +109,63 @@ class DepthChoice:
 @torch.no_grad()
 def choose_layers(model: nn.Module, batches: list[Batch], keep: int, task: str,
                   device: torch.device | str = "cpu") -> DepthChoice:
-    """Keep `keep` of the model's layers by iterative skip-distance (module docstring)."""
+    """Keep `keep` of the model's layers by iterative skip-distance (module docstring).
+
+    Skipping layer i leaves everything before it unchanged, so each round records every block's
+    output once (with that round's removals) and a candidate's forward replays the blocks before it
+    from that record: a candidate costs the blocks from i on, not the whole model."""
     total = model_shape(model.config).layers
     if not 1 <= keep <= total:
         raise ValueError(f"keep must be within 1..{total}, got {keep}")
     batches = [{k: v.to(device) for k, v in b.items()} for b in _first_rows(batches, DEPTH_SEQUENCES)]
     references = [_output(model, b, task) for b in batches]
-
-    def distance(removed: set[int]) -> float:
-        with skipping(model, removed):
-            return sum(output_distance(r, _output(model, b, task), b, task)
-                       for r, b in zip(references, batches)) / len(batches)
+    blocks = decoder_layers(model)
 
     removed: set[int] = set()
     scores: dict[int, float] = {}
     rounds: list[list[int]] = []
     while total - len(removed) > keep:
+        outputs = [_block_outputs(model, b, task, removed) for b in batches]  # per batch: each block's output
         candidates = [i for i in range(total) if i not in removed]
         for i in candidates:
-            scores[i] = distance(removed | {i})
+            dist = 0.0
+            for ref, b, recorded in zip(references, batches, outputs):
+                with skipping(model, removed | {i}), _replaying(blocks, recorded[:i]):
+                    dist += output_distance(ref, _output(model, b, task), b, task)
+            scores[i] = dist / len(batches)
         to_go = total - len(removed) - keep
         step = max(1, int(to_go * ROUND_FRACTION))
         ranked = sorted(candidates, key=lambda i: (scores[i], i))  # least important first
         rounds.append(sorted(ranked[:step]))
         removed |= set(ranked[:step])
     return DepthChoice(sorted(set(range(total)) - removed), scores, rounds)
+
+
+def _block_outputs(model: nn.Module, batch: Batch, task: str, removed: set[int]) -> list:
+    """What every block returns in a forward with `removed` skipped (the objects the next block reads)."""
+    blocks = decoder_layers(model)
+    seen: list = [None] * len(blocks)
+    with skipping(model, removed):
+        handles = [blk.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out))
+                   for i, blk in enumerate(blocks)]
+        try:
+            _output(model, batch, task)
+        finally:
+            for h in handles:
+                h.remove()
+    return seen
+
+
+@contextlib.contextmanager
+def _replaying(blocks: nn.ModuleList, outputs: list) -> Iterator[None]:
+    """The first len(outputs) blocks return their recorded outputs instead of computing them."""
+    for blk, out in zip(blocks, outputs):
+        blk.forward = lambda *args, _out=out, **kwargs: _out  # instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for blk in blocks[: len(outputs)]:
+            del blk.forward
 
 
 def _first_rows(batches: list[Batch], rows: int) -> list[Batch]:
