@@ -75,6 +75,7 @@ TEACHERS: dict[str, tuple[dict, dict[str, dict]]] = {
     ),
 }
 METRIC = {CAUSAL_LM: "perplexity", "encoder": "similarity_pearson"}
+DOC_TITLE = "Students: size, speed and quality at init and after training (issue 12)"
 
 
 def recipe_for(teacher: str, shape: str, prune: str, seed: int, steps: int | None, out: Path,
@@ -176,6 +177,27 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+def merge_results(parts: list[dict]) -> dict:
+    """Several runs' results as one: step-0 rows keyed by (teacher, shape, init), trained runs by
+    (teacher, shape, init, seed); a later part replaces an earlier one's row."""
+    step0: dict = {}
+    runs: dict = {}
+    for part in parts:
+        for teacher, rows in part["step0"].items():
+            for r in rows:
+                step0[(teacher, r["shape"], r["prune"])] = r
+        for teacher, rs in part.get("trained", {}).items():
+            for r in rs:
+                runs[(teacher, r["shape"], r["prune"], r["seed"])] = r
+    merged: dict = {"step0": {}, "trained": {}, "machine": parts[-1]["machine"],
+                    "commands": [p.get("command", "") for p in parts]}
+    for (teacher, _, _), r in step0.items():
+        merged["step0"].setdefault(teacher, []).append(r)
+    for (teacher, _, _, _), r in runs.items():
+        merged["trained"].setdefault(teacher, []).append(r)
+    return merged
+
+
 # --------------------------------------------------------------------------- main
 def quick_teachers(folder: Path) -> dict:
     from tests.tiny import make_tiny, write_text
@@ -202,7 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=str(ROOT / "docs" / "students_results.json"))
     parser.add_argument("--doc", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--render", default="", help="comma-separated results JSONs of earlier runs: merge them "
+                        "(later files win per teacher, shape and init) and write the tables, running nothing")
     args = parser.parse_args(argv)
+    if args.render:
+        results = merge_results([json.loads(Path(f).read_text()) for f in args.render.split(",")])
+        write_json_atomic(Path(args.json), results)
+        text = markdown(results)
+        print(text)
+        body = f"Commands: {'; '.join(f'`{c}`' for c in results['commands'])} ({results['machine']}).\n\n{text}"
+        write_generated(Path(args.doc), DOC_TITLE, body)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
@@ -245,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not args.quick:
         body = f"Command: `{results['command']}` ({results['machine']}).\n\n{text}"
-        write_generated(Path(args.doc), "Students: size, speed and quality at init and after training (issue 12)",
-                        body)
+        write_generated(Path(args.doc), DOC_TITLE, body)
     return 0
 
 
