@@ -168,37 +168,51 @@ def _rows(input_ids: torch.Tensor, mask: torch.Tensor | None, with_kd: bool):
 
 
 # --------------------------------------------------------------------------- one chunk
-def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
-    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a_ij b_ij per row: [c, V] x [c, V] -> [c], one pass, no [c, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float,
-                need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row divergence [c] of student log p against teacher log q ([c, V] each; log_p is consumed) and
-    its gradient with respect to the student's tempered logits u (log p = log_softmax(u))."""
+def _softmax_parts(x: torch.Tensor, temp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [c, V] (consumed) -> (x / T shifted by its row max, exp of it, row sums [c, 1]); so
+    log softmax(x / T) = shifted - log sums and softmax = exp / sums."""
+    shifted = x.sub_(x.amax(dim=-1, keepdim=True))
+    if temp != 1.0:
+        shifted.div_(temp)
+    e = shifted.exp()
+    return shifted, e, e.sum(dim=-1, keepdim=True)
+
+
+def _divergence(du: torch.Tensor, eu: torch.Tensor, zu: torch.Tensor, dt: torch.Tensor, et: torch.Tensor,
+                zt: torch.Tensor, kind: str, beta: float, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row divergence [c] between the student (du, eu, zu: _softmax_parts of s / T) and the teacher (dt, et,
+    zt, the same of t / T), and its gradient with respect to u = s / T. Consumes every [c, V] argument."""
     if kind == "jsd" and beta <= 0.0:
         kind = "kl"
     elif kind == "jsd" and beta >= 1.0:
         kind = "reverse_kl"
-    if kind == "kl":
-        q = log_q.exp()
-        rows = (log_q - log_p).mul_(q).sum(dim=-1)
-        grad = log_p.exp_().sub_(q) if need_grad else None  # p - q
+    log_q = dt.sub_(zt.log())
+    q = et.div_(zt)
+    if kind == "kl":  # sum q log q - sum q log p, log p = du - log zu and sum q = 1
+        rows = _rowdot(q, log_q) - _rowdot(q, du) + zu.log().squeeze(1)
+        grad = eu.div_(zu).sub_(q) if need_grad else None  # p - q
     elif kind == "reverse_kl":
-        d = log_p - log_q
-        p = log_p.exp_()
-        rows = (p * d).sum(dim=-1)
+        log_p = du.sub_(zu.log())
+        p = eu.div_(zu)
+        d = log_p.sub_(log_q)  # log p - log q
+        rows = _rowdot(p, d)
         grad = d.sub_(rows[:, None]).mul_(p) if need_grad else None  # p (d - <p, d>)
     elif kind == "jsd":
+        log_p = du.sub_(zu.log())
+        p = eu.div_(zu)
         log_m = torch.logaddexp(log_p + math.log1p(-beta), log_q + math.log(beta))
-        rows = beta * (log_q - log_m).mul_(log_q.exp()).sum(dim=-1)
-        g = log_p - log_m  # log p - log m
+        rows = beta * (_rowdot(q, log_q) - _rowdot(q, log_m))
+        g = log_p.sub_(log_m)  # log p - log m
         del log_m
-        p = log_p.exp_()
-        rows += (1.0 - beta) * (p * g).sum(dim=-1)
-        if need_grad:
+        rows += (1.0 - beta) * _rowdot(p, g)
+        if need_grad:  # p (g' - <p, g'>), g' = (1 - beta) g
             g.mul_(1.0 - beta)
-            grad = g.sub_((p * g).sum(dim=-1, keepdim=True)).mul_(p)
+            grad = g.sub_(_rowdot(p, g)[:, None]).mul_(p)
         else:
             grad = None
     else:
@@ -316,23 +330,27 @@ def fused_lm_losses(
                 hc = h[start:stop]
                 s, th = _logits(hc, head, w32)  # [c, V]
                 lab = labels_k[start:stop].clamp_min(0)[:, None]
-                lse = torch.logsumexp(s, dim=-1)
-                ce_sum += ((lse - s.gather(1, lab).squeeze(1)) * ce_w[start:stop]).sum()
+                ds, es, zs = _softmax_parts(s, 1.0)  # s - max, its exp, row sums
+                ce_sum += ((zs.log().squeeze(1) - ds.gather(1, lab).squeeze(1)) * ce_w[start:stop]).sum()
                 grad = None
+                if with_kd:  # the student's tempered exp first: es becomes the CE gradient below
+                    du = ds.div_(temp) if temp != 1.0 else ds
+                    eu = du.exp() if temp != 1.0 else es.clone()
+                    zu = eu.sum(dim=-1, keepdim=True)
                 if need_grad:  # a * (softmax(s) - onehot) / n_ce on CE rows
-                    grad = (s - lse[:, None]).exp_().mul_(ce_scale[start:stop, None])
+                    grad = es.mul_(ce_scale[start:stop, None] / zs)
                     grad.scatter_add_(1, lab, -ce_scale[start:stop, None])
+                del es
                 if with_kd:
                     t, _ = _logits(t_rows[start:stop], teacher_head, tw)
-                    log_q = _log_softmax_(t.div_(temp))
-                    log_p = _log_softmax_(s / temp)
-                    rows, g_u = _divergence(log_p, log_q, spec.kind, spec.beta, need_grad)
-                    del log_q
+                    dt, et, zt = _softmax_parts(t, temp)
+                    rows, g_u = _divergence(du, eu, zu, dt, et, zt, spec.kind, spec.beta, need_grad)
+                    del du, eu, dt, et
                     kd_sum += (rows * kd_w[start:stop]).sum()
                     if need_grad:
                         grad += g_u.mul_(kd_scale[start:stop, None])
                     del g_u
-                del s
+                del s, ds
                 if need_grad:
                     if th is not None:  # d softcap(z) / dz = 1 - tanh^2
                         grad.mul_(1.0 - th * th)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from shdcli.errors import ShdError
 from shdcli.fused_logits import FusedSpec, Head, bypass_heads, final_hidden, fused_lm_losses, next_token_nll
+from tests.test_distributed import no_dropout_gpt2  # noqa: F401, F811 - fixture
 
 
 def reference(hidden, weight, bias, cap, input_ids, mask, t_logits, kind, beta, temp, a, b):
@@ -255,3 +256,28 @@ def test_distill_fused_and_naive_give_the_same_losses(tmp_path, monkeypatch):
         for key in ("val_total", "val_task", "val_logit", "val_perplexity"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
     assert math.isfinite(runs["fused"]["final_eval"]["perplexity"])
+
+
+def test_fsdp_two_ranks_fused_match_one_process_naive(tmp_path, no_dropout_gpt2):  # noqa: F811
+    """FSDP2 (2 gloo ranks, tied GPT-2 head, grad_accum 2) with the fused logit loss reproduces one process
+    with full logits: the head's gradient reaches the sharded, tied embedding through the wrapped forward."""
+    import json
+
+    import yaml
+
+    from tests.test_distributed import _assert_same_run, _recipe, _single, _torchrun
+    from tests.tiny import write_text
+
+    text = write_text(tmp_path / "train.txt")
+    one_path = _recipe(tmp_path, no_dropout_gpt2, text, "one", 4, grad_accum=2)
+    two_path = _recipe(tmp_path, no_dropout_gpt2, text, "two", 2, grad_accum=2, strategy="fsdp")
+    for path, impl in ((one_path, "naive"), (two_path, "fused")):
+        data = yaml.safe_load(path.read_text())
+        data["distill"] = {"logit_impl": impl, "logit_loss": "reverse_kl"}
+        path.write_text(yaml.safe_dump(data))
+    one = _single(one_path)
+    proc = _torchrun(two_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["recipe"]["distill"]["logit_impl"] == "fused" and one["recipe"]["distill"]["logit_impl"] == "naive"
+    _assert_same_run(one, two)
