@@ -32,7 +32,7 @@ from rich.table import Table
 
 from shdcli.data import TokenBlocks, eval_batches, read_documents, split_documents, tokenize
 from shdcli.errors import ShdError
-from shdcli.fused_logits import next_token_nll
+from shdcli.fused_logits import forward_in_row_chunks, next_token_nll
 from shdcli.losses import mean_pool
 from shdcli.mapping import Plan, make_plan
 from shdcli.models import CAUSAL_LM, ModelShape, count_parameters, load_model, model_shape, resolve_source
@@ -265,7 +265,8 @@ def disk_bytes(folder: Path | None) -> int | None:
 @torch.inference_mode()
 def measure_speed(models: list[torch.nn.Module], input_ids: torch.Tensor, device: torch.device | str,
                   seconds: float = 2.0, min_reps: int = 3, max_reps: int = 50) -> list[dict[str, float]]:
-    """Median latency (ms) and throughput (tokens/s) of one forward pass on input_ids [b, L], per model.
+    """Median latency (ms) and throughput (tokens/s) of one forward pass on input_ids [b, L], per model
+    (causal LMs compute all b L logits in row chunks: fused_logits.forward_in_row_chunks).
 
     Models take turns, one pass each per round (after one warm-up pass each), until every model has
     min_reps passes and `seconds` have gone by: slow drifts in machine load then hit all models alike.
@@ -274,14 +275,14 @@ def measure_speed(models: list[torch.nn.Module], input_ids: torch.Tensor, device
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for model in models:
         model.eval()
-        model(**batch)
+        forward_in_row_chunks(model, batch)
     times: list[list[float]] = [[] for _ in models]
     start = time.perf_counter()
     while len(times[0]) < min_reps or (time.perf_counter() - start < seconds and len(times[0]) < max_reps):
         for i, model in enumerate(models):
             sync()
             t0 = time.perf_counter()
-            model(**batch)
+            forward_in_row_chunks(model, batch)  # all logits, a chunk of rows at a time (no [b, L, V] kept)
             sync()
             times[i].append(time.perf_counter() - t0)
     tokens = input_ids.numel()

@@ -415,3 +415,26 @@ def causal_lm_parts(student: torch.nn.Module, s_out, teacher: torch.nn.Module, t
                      budget_bytes=distill.chunk_memory_mb * 2**20)
     ce, kd = fused_lm_losses(hidden, head, input_ids, mask, t_hidden, t_head, spec)
     return {"task": ce} if kd is None else {"task": ce, "logit": kd}
+
+
+@torch.inference_mode()
+def forward_in_row_chunks(model: torch.nn.Module, batch: dict[str, torch.Tensor], budget_bytes: int = 64 * 2**20):
+    """One forward pass that computes every position's logits, a chunk of rows at a time, and keeps none
+    (what evaluate.measure_speed times: the same work as model(**batch), without [B, N, V] in memory).
+    Models without a fusable head run model(**batch)."""
+    try:
+        check_supported(model)
+    except ShdError:
+        return model(**batch)
+    with bypass_heads(model):
+        out = model(**batch)
+    hidden, head = final_hidden(model, out)
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    chunk = auto_chunk_tokens(head.vocab, budget_bytes, rows.shape[0])
+    for start in range(0, rows.shape[0], chunk):
+        z = rows[start:start + chunk] @ head.weight.t()
+        if head.bias is not None:
+            z += head.bias
+        if head.softcap is not None:
+            z = torch.tanh(z / head.softcap) * head.softcap
+    return out

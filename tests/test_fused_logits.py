@@ -214,6 +214,15 @@ def test_next_token_nll_equals_full_logits():
     assert nll == pytest.approx(float(ref), rel=1e-5)
 
 
+def test_forward_in_row_chunks_runs_the_model_and_keeps_no_logits():
+    from shdcli.fused_logits import forward_in_row_chunks
+
+    model = _tiny_llama(False).eval()
+    ids = torch.randint(0, 61, (2, 10))
+    out = forward_in_row_chunks(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, budget_bytes=1)
+    assert out.logits.shape == (2, 0, 61) and out.hidden_states[-1].shape == (2, 10, 16)
+
+
 def test_rescaled_logits_are_refused():
     model = _tiny_llama(True)
     model.config.logit_scale = 0.5
