@@ -399,8 +399,9 @@ def verdicts(times: dict, mems: dict, long_n: int | None) -> list[str]:
 
 def logit_tables(times: dict, mems: dict, sizes: dict, modes, clock: str) -> str:
     """Issue 17's tables: step time relative to the floor, peak memory and its excess over the floor."""
-    lines = [f"Step time relative to the floor (median {clock} time per step; floor = 1.00)", "",
-             "| N | B | " + " | ".join(modes) + " | lean_fused / floor_fused |", "|" + "---|" * (len(modes) + 3)]
+    lines = [] if not times else [
+        f"Step time relative to the floor (median {clock} time per step; floor = 1.00)", "",
+        "| N | B | " + " | ".join(modes) + " | lean_fused / floor_fused |", "|" + "---|" * (len(modes) + 3)]
     for n in sorted(times):
         t = {m: v[clock] for m, v in times[n].items()}
         row = [str(n), str(sizes[n])] + [ratio(t[m], t["floor"]) if m in t else "-" for m in modes]
