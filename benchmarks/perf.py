@@ -84,7 +84,10 @@ class Real:
 
 FULL = Config()
 QUICK = Config(t_layers=2, t_heads=6, t_kv=2, hidden=48, intermediate=96, vocab=256, s_layers=2, s_heads=3, s_kv=1)
-CONFIGS = {"full": FULL, "quick": QUICK, "vocab262k": Config(vocab=262144),
+# Gemma-3's vocabulary on a narrow model (the logits, not the width, are what is measured; no Gemma-3 weights here).
+WIDE_VOCAB = Config(t_layers=2, t_heads=4, t_kv=2, hidden=64, intermediate=128, vocab=262144, s_layers=2, s_heads=2,
+                    s_kv=1)
+CONFIGS = {"full": FULL, "quick": QUICK, "vocab262k": WIDE_VOCAB,
            "smollm2": Real("recipes/smollm2_9to3.yaml", 49152)}
 
 

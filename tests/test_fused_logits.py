@@ -290,3 +290,23 @@ def test_fsdp_two_ranks_fused_match_one_process_naive(tmp_path, no_dropout_gpt2)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["recipe"]["distill"]["logit_impl"] == "fused" and one["recipe"]["distill"]["logit_impl"] == "naive"
     _assert_same_run(one, two)
+
+
+def test_one_memory_knob_sizes_the_shd_and_the_logit_chunks(monkeypatch):
+    from shdcli import fused_logits, losses
+    from shdcli.train import step_losses
+    from tests.test_perf_quick import load_perf
+
+    perf = load_perf()
+    setup = perf.build(perf.QUICK, 24, torch.device("cpu"))
+    setup.recipe.distill.chunk_memory_mb = 7
+    seen = {}
+    real_lean, real_fused = losses.lean_layer_loss, fused_logits.fused_lm_losses
+    monkeypatch.setattr(losses, "lean_layer_loss",
+                        lambda *a, **k: seen.setdefault("lean", a[-1]) and real_lean(*a, **k))
+    monkeypatch.setattr(fused_logits, "fused_lm_losses",
+                        lambda *a, **k: seen.setdefault("fused", a[-1].budget_bytes) and real_fused(*a, **k))
+    batch = perf.make_batch(perf.QUICK, 2, 24, torch.device("cpu"))
+    total, parts, _ = step_losses(setup, batch)
+    assert set(parts) == {"task", "logit", "shd"} and torch.isfinite(total)
+    assert seen == {"lean": 7 * 2**20, "fused": 7 * 2**20}
