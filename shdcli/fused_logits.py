@@ -141,6 +141,11 @@ def bypass_heads(*models: torch.nn.Module, enabled: bool = True) -> Iterator[Non
         _BYPASS.reset(token)
 
 
+def bypass_active() -> bool:
+    """Whether forwards run now hand back hidden states instead of logits (train.teacher_forward's cache key)."""
+    return _BYPASS.get()
+
+
 def final_hidden(model: torch.nn.Module, output) -> tuple[torch.Tensor, Head]:
     """The final hidden states [B, N, D] of a forward run under bypass_heads, and the head it skipped."""
     bypass = bypass_of(model)

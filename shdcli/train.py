@@ -257,8 +257,9 @@ def autocast(setup: Setup):
 
 def teacher_forward(setup: Setup, batch: dict[str, torch.Tensor]):
     if setup.teacher_cache is not None:
-        key = (tuple(batch["input_ids"].shape), batch["input_ids"].cpu().numpy().tobytes(),
-               batch["attention_mask"].cpu().numpy().tobytes())
+        # fused logit path: a bypassed forward holds hidden states, not logits; cache the two apart
+        key = (fused_logits.bypass_active(), tuple(batch["input_ids"].shape),
+               batch["input_ids"].cpu().numpy().tobytes(), batch["attention_mask"].cpu().numpy().tobytes())
         if key not in setup.teacher_cache:
             setup.teacher_cache[key] = _teacher_pass(setup, batch)
         return setup.teacher_cache[key]

@@ -310,3 +310,18 @@ def test_one_memory_knob_sizes_the_shd_and_the_logit_chunks(monkeypatch):
     total, parts, _ = step_losses(setup, batch)
     assert set(parts) == {"task", "logit", "shd"} and torch.isfinite(total)
     assert seen == {"lean": 7 * 2**20, "fused": 7 * 2**20}
+
+
+def test_teacher_cache_keeps_bypassed_and_full_forwards_apart():
+    from shdcli.train import teacher_forward
+    from tests.test_perf_quick import load_perf
+
+    perf = load_perf()
+    setup = perf.build(perf.QUICK, 12, torch.device("cpu"))
+    setup.teacher_cache = {}
+    batch = perf.make_batch(perf.QUICK, 2, 12, torch.device("cpu"))
+    with bypass_heads(setup.teacher):
+        hidden_out, _ = teacher_forward(setup, batch)
+    full_out, _ = teacher_forward(setup, batch)
+    assert hidden_out.logits.shape[1] == 0 and full_out.logits.shape == (2, 12, perf.QUICK.vocab)
+    assert len(setup.teacher_cache) == 2
