@@ -70,7 +70,8 @@ def _softcap(config) -> float | None:
 def check_supported(model: torch.nn.Module, field: str = "distill.logit_impl") -> None:
     """A clear error for causal LMs the fused path cannot reproduce (no output head, logits rescaled)."""
     inner = unwrap(model)
-    if inner.get_output_embeddings() is None:
+    head = getattr(inner, "get_output_embeddings", None)
+    if head is None or head() is None or getattr(inner, "config", None) is None:
         raise ShdError(f"{field}: {type(inner).__name__} has no output embeddings (LM head) to fuse; set {field}=naive")
     for name in _RESCALING:
         for config in (inner.config, getattr(inner.config, "text_config", None)):
