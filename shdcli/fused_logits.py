@@ -199,8 +199,8 @@ def _divergence(du: torch.Tensor, eu: torch.Tensor, zu: torch.Tensor, dt: torch.
         kind = "reverse_kl"
     log_q = dt.sub_(zt.log())
     q = et.div_(zt)
-    if kind == "kl":  # sum q log q - sum q log p, log p = du - log zu and sum q = 1
-        rows = _rowdot(q, log_q) - _rowdot(q, du) + zu.log().squeeze(1)
+    if kind == "kl":  # sum q (log q - log p), differences taken per entry (a small KL is no difference of sums)
+        rows = _rowdot(q, log_q - du.sub_(zu.log()))
         grad = eu.div_(zu).sub_(q) if need_grad else None  # p - q
     elif kind == "reverse_kl":
         log_p = du.sub_(zu.log())
@@ -212,7 +212,7 @@ def _divergence(du: torch.Tensor, eu: torch.Tensor, zu: torch.Tensor, dt: torch.
         log_p = du.sub_(zu.log())
         p = eu.div_(zu)
         log_m = torch.logaddexp(log_p + math.log1p(-beta), log_q + math.log(beta))
-        rows = beta * (_rowdot(q, log_q) - _rowdot(q, log_m))
+        rows = beta * _rowdot(q, log_q - log_m)
         g = log_p.sub_(log_m)  # log p - log m
         del log_m
         rows += (1.0 - beta) * _rowdot(p, g)
