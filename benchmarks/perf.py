@@ -6,7 +6,14 @@ Modes, all measured in one run on the same random Llama-style teacher/student an
   kd       floor + logit KD
   lean     kd + SHD, distill.impl=lean (row chunks, fused student loss)
   naive    kd + SHD, distill.impl=naive (all maps materialised: the reference)
-The SHD modes run the real training code (train.step_losses) on a Setup built in memory.
+The SHD modes run the real training code (train.step_losses) on a Setup built in memory. These modes
+use the full-logit path (distill.logit_impl=naive), as before issue 17.
+
+`--logits` (issue 17) compares against the floor instead, with the fused LM head + CE + logit KD:
+  floor, kd, lean               as above (full logits: distill.logit_impl=naive)
+  floor_fused, kd_fused, lean_fused   the same with distill.logit_impl=fused (no [B, N, V] logits)
+`--model` picks the models: full (the config below), vocab262k (the same at a Gemma-3-sized vocabulary
+of 262,144), smollm2 (the real SmolLM2-135M teacher and the recipe's 6-layer student).
 
 Times: rounds interleave the modes (one step of each per round) so that load from other processes
 hits them alike; the median per mode is reported and only ratios taken within this run are compared.
@@ -16,6 +23,7 @@ go back to the OS and VmHWM (reset through /proc/self/clear_refs before each ste
 
   python benchmarks/perf.py            # full table (a few minutes on a 2-core CPU)
   python benchmarks/perf.py --quick    # seconds: tiny sizes, asserts lean == naive (loss and grads)
+  python benchmarks/perf.py --logits --model smollm2 --seqs 512 --no-memory   # issue 17's step-time ratios
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ offline()
 import torch  # noqa: E402
 
 MODES = ("student", "floor", "kd", "lean", "naive")
+LOGIT_MODES = ("floor", "floor_fused", "kd", "kd_fused", "lean", "lean_fused")
 
 
 @dataclass
@@ -62,12 +71,44 @@ class Config:
                 f"vocab {self.vocab}")
 
 
+@dataclass
+class Real:
+    """A real teacher from a recipe (its student derived as the recipe says)."""
+
+    recipe: str
+    vocab: int
+
+    def describe(self) -> str:
+        return f"{self.recipe} (teacher and student as the recipe derives them), vocab {self.vocab}"
+
+
 FULL = Config()
 QUICK = Config(t_layers=2, t_heads=6, t_kv=2, hidden=48, intermediate=96, vocab=256, s_layers=2, s_heads=3, s_kv=1)
+# Gemma-3's vocabulary on a narrow model (the logits, not the width, are what is measured; no Gemma-3 weights here).
+WIDE_VOCAB = Config(t_layers=2, t_heads=4, t_kv=2, hidden=64, intermediate=128, vocab=262144, s_layers=2, s_heads=2,
+                    s_kv=1)
+CONFIGS = {"full": FULL, "quick": QUICK, "vocab262k": WIDE_VOCAB,
+           "smollm2": Real("recipes/smollm2_9to3.yaml", 49152)}
 
 
-def build(cfg: Config, seq_len: int, device: torch.device, seed: int = 0):
+def build_real(cfg: Real, seq_len: int, device: torch.device):
+    """train.prepare on the recipe (real teacher, derived student), with logit KD and SHD on."""
+    from rich.console import Console
+
+    from shdcli.recipe import load_recipe
+    from shdcli.train import prepare
+
+    recipe = load_recipe(ROOT / cfg.recipe, [f"data.seq_len={seq_len}", "distill.logit=1.0", "distill.shd=1.0",
+                                             f"train.device={device.type}", f"train.threads={torch.get_num_threads()}"])
+    setup = prepare(recipe, Console(quiet=True))
+    assert setup.student.config.vocab_size == cfg.vocab, setup.student.config.vocab_size
+    return setup
+
+
+def build(cfg: Config | Real, seq_len: int, device: torch.device, seed: int = 0):
     """A train.Setup in memory (no files): random teacher, derived random student, SHD plan, bases."""
+    if isinstance(cfg, Real):
+        return build_real(cfg, seq_len, device)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from shdcli import capture
@@ -108,10 +149,12 @@ def make_batch(cfg: Config, batch: int, seq_len: int, device: torch.device, seed
 
 def configure(setup, mode: str) -> None:
     d = setup.recipe.distill
-    d.logit = 0.0 if mode in ("student", "floor") else 1.0
-    d.shd = 1.0 if mode in ("lean", "naive") else 0.0
-    if mode in ("lean", "naive"):
-        d.impl = mode
+    base = mode.removesuffix("_fused")
+    d.logit = 0.0 if base in ("student", "floor") else 1.0
+    d.shd = 1.0 if base in ("lean", "naive") else 0.0
+    if base in ("lean", "naive"):
+        d.impl = base
+    d.logit_impl = "fused" if mode.endswith("_fused") else "naive"
     setup.use_logit = d.logit > 0
 
 
@@ -357,6 +400,51 @@ def verdicts(times: dict, mems: dict, long_n: int | None) -> list[str]:
     return out
 
 
+def logit_tables(times: dict, mems: dict, sizes: dict, modes, clock: str) -> str:
+    """Issue 17's tables: step time relative to the floor, peak memory and its excess over the floor."""
+    lines = [] if not times else [
+        f"Step time relative to the floor (median {clock} time per step; floor = 1.00)", "",
+        "| N | B | " + " | ".join(modes) + " | lean_fused / floor_fused |", "|" + "---|" * (len(modes) + 3)]
+    for n in sorted(times):
+        t = {m: v[clock] for m, v in times[n].items()}
+        row = [str(n), str(sizes[n])] + [ratio(t[m], t["floor"]) if m in t else "-" for m in modes]
+        row.append(ratio(t["lean_fused"], t["floor_fused"]) if {"lean_fused", "floor_fused"} <= set(t) else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    if mems:
+        lines += ["", "Peak memory above the pre-step level, MiB; logit-KD extra = kd - floor (full logits) and "
+                  "kd_fused - floor, kd_fused - floor_fused (fused)", "",
+                  "| N | B | " + " | ".join(modes) + " | KD extra: naive | fused over floor | fused over floor_fused "
+                  "| fused / naive (strict) |", "|" + "---|" * (len(modes) + 6)]
+        for n in sorted(mems):
+            m_ = mems[n]
+            row = [str(n), str(sizes[n])] + [mib(m_.get(m)) for m in modes]
+            if {"kd", "kd_fused", "floor", "floor_fused"} <= set(m_):
+                naive_x = m_["kd"] - m_["floor"]
+                fused_x, strict_x = m_["kd_fused"] - m_["floor"], m_["kd_fused"] - m_["floor_fused"]
+                row += [mib(naive_x), mib(fused_x), mib(strict_x), ratio(max(strict_x, 0), naive_x)]
+            else:
+                row += ["-"] * 4
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def logit_verdicts(times: dict, mems: dict) -> list[str]:
+    out = []
+    if 512 in times and {"lean_fused", "floor", "floor_fused"} <= set(times[512]):
+        t = {m: v["cpu" if "cpu" in v else "wall"] for m, v in times[512].items()}
+        r, r2 = t["lean_fused"] / t["floor"], t["lean_fused"] / t["floor_fused"]
+        out.append(f"goal 1, KD + SHD step <= 1.3x its floor at N=512: lean_fused / floor = {r:.2f}, "
+                   f"/ floor_fused = {r2:.2f} -> {'MET' if max(r, r2) <= 1.3 else 'MISSED'}"
+                   + (f" (full logits: lean / floor = {t['lean'] / t['floor']:.2f})" if "lean" in t else ""))
+    if 2048 in mems and {"kd", "kd_fused", "floor", "floor_fused"} <= set(mems[2048]):
+        m = mems[2048]
+        naive_x, strict_x = m["kd"] - m["floor"], m["kd_fused"] - m["floor_fused"]
+        r = max(strict_x, 0) / max(naive_x, 1)
+        out.append(f"goal 2, logit-KD extra memory at N=2048 <= 15% of today's: {mib(strict_x)} / {mib(naive_x)} MiB "
+                   f"= {100 * r:.1f}% -> {'MET' if r <= 0.15 else 'MISSED'}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds; asserts lean == naive")
@@ -368,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: steadier on a shared machine; 0 = torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--logits", action="store_true", help="issue 17: floor / logit KD / KD + SHD, full vs fused logits")
+    p.add_argument("--model", default="full", choices=[k for k in CONFIGS if k != "quick"],
+                   help="full | vocab262k (Gemma-3-sized vocabulary) | smollm2 (the real recipe's models)")
+    p.add_argument("--memory-seqs", default=None, help="sequence lengths for memory (default: --seqs)")
     p.add_argument("--json", type=Path, help="write all measurements here")
     p.add_argument("--child-memory", nargs=3, metavar=("CFG", "SIZES", "MODES"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -376,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.child_memory:
         name, spec, modes = args.child_memory
-        cfg = QUICK if name == "quick" else FULL
+        cfg = CONFIGS[name]
         out = {}
         for item in spec.split(","):
             n, b = (int(x) for x in item.split(":"))
@@ -385,8 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t_start = time.perf_counter()
-    cfg_name = "quick" if args.quick else "full"
-    cfg = QUICK if args.quick else FULL
+    cfg_name = "quick" if args.quick else args.model
+    cfg = CONFIGS[cfg_name]
+    if args.logits:
+        return main_logits(args, cfg_name, cfg, device, t_start)
     if args.quick:
         seqs, long_n, tokens, rounds = [16, 40], 96, 64, 1
     else:
@@ -425,6 +519,39 @@ def main(argv: list[str] | None = None) -> int:
     print(tables(times, mems, sizes, MODES, clock))
     print()
     for line in verdicts(times, mems, long_n if not args.quick else None):
+        print(line)
+    print(f"\n# total {time.perf_counter() - t_start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"config": cfg.describe(), "device": str(device), "clock": clock,
+                                         "threads": torch.get_num_threads(), "sizes": sizes, "times": times,
+                                         "memory": mems}, indent=2))
+    return 0
+
+
+def main_logits(args, cfg_name: str, cfg, device: torch.device, t_start: float) -> int:
+    """--logits: LOGIT_MODES timed at --seqs and measured at --memory-seqs, tables relative to the floor."""
+    seqs = [int(x) for x in args.seqs.split(",")] if not args.quick else [16, 40]
+    mem_seqs = [int(x) for x in (args.memory_seqs or args.seqs).split(",")] if not args.quick else seqs
+    tokens, rounds = (64, 1) if args.quick else (args.tokens, args.rounds)
+    sizes = {n: max(1, tokens // n) for n in sorted(set(seqs) | set(mem_seqs))}
+    clock = "wall" if device.type == "cuda" else "cpu"
+    print(f"# logit KD without full logits: {cfg.describe()}", flush=True)
+    print(f"# device {device} ({torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs), torch "
+          f"{torch.__version__}; {tokens} tokens per batch; median of {rounds} rounds", flush=True)
+    times: dict[int, dict] = {}
+    if rounds > 0:
+        for n in seqs:
+            times[n] = time_modes(cfg, n, sizes[n], LOGIT_MODES, rounds, device)
+            print(f"timed N={n}: " + ", ".join(f"{m} {v[clock] * 1e3:.0f} ms" for m, v in times[n].items()), flush=True)
+    mems: dict[int, dict] = {}
+    if not args.no_memory:
+        for n in mem_seqs:
+            mems.update(memory_in_subprocess(cfg_name, [(n, sizes[n])], LOGIT_MODES, args.device))
+            print(f"measured memory at N={n}", flush=True)
+    print()
+    print(logit_tables(times, mems, sizes, LOGIT_MODES, clock))
+    print()
+    for line in logit_verdicts(times, mems):
         print(line)
     print(f"\n# total {time.perf_counter() - t_start:.0f} s")
     if args.json:

@@ -32,6 +32,7 @@ from rich.table import Table
 
 from shdcli.data import TokenBlocks, eval_batches, read_documents, split_documents, tokenize
 from shdcli.errors import ShdError
+from shdcli.fused_logits import forward_in_row_chunks, next_token_nll
 from shdcli.losses import mean_pool
 from shdcli.mapping import Plan, make_plan
 from shdcli.models import CAUSAL_LM, ModelShape, count_parameters, load_model, model_shape, resolve_source
@@ -46,13 +47,6 @@ def forward_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def _next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Summed NLL of labels[:, 1:] under logits[:, :-1] (label -100 = not scored) and the count."""
-    target = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum")
-    return float(nll), int((target != -100).sum())
-
-
 def _ppl(nll: float, tokens: int) -> dict[str, float]:
     mean = nll / max(1, tokens)
     return {"nll": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": tokens}
@@ -65,7 +59,7 @@ def perplexity(model, batches: list[dict[str, torch.Tensor]], device: torch.devi
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        part, n = _next_token_nll(model(**batch).logits, labels)
+        part, n = next_token_nll(model, batch["input_ids"], batch["attention_mask"], labels)  # head in row chunks
         nll, tokens = nll + part, tokens + n
     return _ppl(nll, tokens)
 
@@ -110,8 +104,7 @@ def sliding_perplexity(model, ids: torch.Tensor, window: int, stride: int, devic
             input_ids[row, : end - begin] = ids[begin:end]
             mask[row, : end - begin] = 1
             labels[row, first - begin: end - begin] = ids[first:end]
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-        part, n = _next_token_nll(logits, labels.to(device))
+        part, n = next_token_nll(model, input_ids.to(device), mask.to(device), labels.to(device))
         nll, tokens = nll + part, tokens + n
     return {**_ppl(nll, tokens), "window": window, "stride": stride}
 
@@ -272,7 +265,8 @@ def disk_bytes(folder: Path | None) -> int | None:
 @torch.inference_mode()
 def measure_speed(models: list[torch.nn.Module], input_ids: torch.Tensor, device: torch.device | str,
                   seconds: float = 2.0, min_reps: int = 3, max_reps: int = 50) -> list[dict[str, float]]:
-    """Median latency (ms) and throughput (tokens/s) of one forward pass on input_ids [b, L], per model.
+    """Median latency (ms) and throughput (tokens/s) of one forward pass on input_ids [b, L], per model
+    (causal LMs compute all b L logits in row chunks: fused_logits.forward_in_row_chunks).
 
     Models take turns, one pass each per round (after one warm-up pass each), until every model has
     min_reps passes and `seconds` have gone by: slow drifts in machine load then hit all models alike.
@@ -281,14 +275,14 @@ def measure_speed(models: list[torch.nn.Module], input_ids: torch.Tensor, device
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for model in models:
         model.eval()
-        model(**batch)
+        forward_in_row_chunks(model, batch)
     times: list[list[float]] = [[] for _ in models]
     start = time.perf_counter()
     while len(times[0]) < min_reps or (time.perf_counter() - start < seconds and len(times[0]) < max_reps):
         for i, model in enumerate(models):
             sync()
             t0 = time.perf_counter()
-            model(**batch)
+            forward_in_row_chunks(model, batch)  # all logits, a chunk of rows at a time (no [b, L, V] kept)
             sync()
             times[i].append(time.perf_counter() - t0)
     tokens = input_ids.numel()

@@ -10,13 +10,14 @@ The SHD loss is computed one mapped layer at a time from recorded q/k/v (capture
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from shdcli.capture import LayerRecord
-from shdcli.lean import lean_layer_loss
+from shdcli.lean import DEFAULT_BUDGET, lean_layer_loss
 from shdcli.shd import (
     apply_weights,
     attention_kd_rows,
@@ -41,12 +42,18 @@ def logit_kd_loss(
     mask: torch.Tensor,
     temperature: float,
     chunk_tokens: int = 2048,
+    kind: str = "kl",
+    beta: float = 0.5,
 ) -> torch.Tensor:
-    """T^2 * mean over real tokens of KL(softmax(t / T) || softmax(s / T)).
+    """T^2 * mean over real tokens of KL(softmax(t / T) || softmax(s / T)) (kind kl; reverse_kl:
+    KL(s || t); jsd: beta KL(t || m) + (1 - beta) KL(s || m), m = beta t + (1 - beta) s, with TRL's
+    beta = 0 -> kl and beta = 1 -> reverse_kl).
 
     logits [B, N, V]; computed in token chunks in float32 so a 262k vocabulary does not
-    materialise several [B N, V] float32 copies at once.
+    materialise several [B N, V] float32 copies at once (fused_logits.py avoids them altogether).
     """
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "kl" if beta == 0.0 else "reverse_kl"
     s = student_logits.flatten(0, 1)
     t = teacher_logits.flatten(0, 1)
     keep = mask.flatten().bool()
@@ -55,7 +62,17 @@ def logit_kd_loss(
     for start in range(0, s.shape[0], chunk_tokens):
         log_p_s = torch.log_softmax(s[start:start + chunk_tokens].float() / temperature, dim=-1)
         log_p_t = torch.log_softmax(t[start:start + chunk_tokens].float() / temperature, dim=-1)
-        total = total + F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+        if kind == "kl":
+            part = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+        elif kind == "reverse_kl":
+            part = F.kl_div(log_p_t, log_p_s, log_target=True, reduction="sum")
+        elif kind == "jsd":
+            log_m = torch.logsumexp(torch.stack([log_p_s + math.log(1 - beta), log_p_t + math.log(beta)]), dim=0)
+            part = beta * F.kl_div(log_m, log_p_t, log_target=True, reduction="sum") + (1 - beta) * F.kl_div(
+                log_m, log_p_s, log_target=True, reduction="sum")
+        else:
+            raise ValueError(f"unknown logit loss {kind!r} (use kl, reverse_kl or jsd)")
+        total = total + part
     return temperature**2 * total / max(1, s.shape[0])
 
 
@@ -113,10 +130,12 @@ def shd_loss(
     tau: float = 1.0,
     impl: str = "lean",
     chunk_rows: int = 0,
+    budget_bytes: int = DEFAULT_BUDGET,
 ) -> ShdLossResult:
     """SHD loss over mapped (student layer, teacher layer) pairs; mean over layers, batch, heads, rows.
 
-    chunk_rows: query rows per chunk in the lean path (0 = auto); the naive path takes whole maps.
+    chunk_rows: query rows per chunk in the lean path (0 = auto, within budget_bytes of working memory);
+    the naive path takes whole maps.
     """
     if impl not in ("lean", "naive"):
         raise ValueError(f"unknown SHD implementation {impl!r} (use lean or naive)")
@@ -127,7 +146,7 @@ def shd_loss(
         t_rec, s_rec = teacher_records[t_idx], student_records[s_idx]
         if impl == "lean":
             part, cnt, weights[s_idx] = lean_layer_loss(
-                t_rec, s_rec, layer_groups, bases.get(t_idx), row_mask, alpha, kind, tau, chunk_rows
+                t_rec, s_rec, layer_groups, bases.get(t_idx), row_mask, alpha, kind, tau, chunk_rows, budget_bytes
             )
         else:
             part, cnt, weights[s_idx] = _naive_layer_loss(t_rec, s_rec, layer_groups, bases.get(t_idx), row_mask,

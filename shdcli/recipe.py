@@ -113,6 +113,12 @@ class DistillSpec(Section):
     shd: float = Field(1.0, ge=0.0)
     impl: Literal["lean", "naive"] = "lean"
     chunk_rows: int = Field(0, ge=0, description="query rows per chunk in the lean path; 0 = auto")
+    logit_loss: Literal["kl", "reverse_kl", "jsd"] = Field(
+        "kl", description="logit KD divergence: kl (forward), reverse_kl, or jsd (generalised, distill.jsd_beta)")
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd mixture weight (TRL): 0 = forward KL, 1 = reverse KL")
+    logit_impl: Literal["fused", "naive"] = Field(
+        "fused", description="causal LMs: fused (LM head + CE + KD in token chunks, no [B, N, V] logits) | naive")
+    chunk_memory_mb: int = Field(64, ge=1, description="MiB of working memory per chunk: lean SHD and fused logits")
 
 
 class TrainSpec(Section):

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from shdcli import capture, checkpoint, checks, distributed
+from shdcli import capture, checkpoint, checks, distributed, fused_logits
 from shdcli.data import BatchStream, TokenBlocks, eval_batches, load_blocks
 from shdcli.errors import ShdError
 from shdcli.evaluate import ood_heldout
@@ -301,8 +301,9 @@ def channels_match(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor, c
 
 def teacher_forward(setup: Setup, batch: dict[str, torch.Tensor]):
     if setup.teacher_cache is not None:
-        key = (tuple(batch["input_ids"].shape), batch["input_ids"].cpu().numpy().tobytes(),
-               batch["attention_mask"].cpu().numpy().tobytes())
+        # fused logit path: a bypassed forward holds hidden states, not logits; cache the two apart
+        key = (fused_logits.bypass_active(), tuple(batch["input_ids"].shape),
+               batch["input_ids"].cpu().numpy().tobytes(), batch["attention_mask"].cpu().numpy().tobytes())
         if key not in setup.teacher_cache:
             setup.teacher_cache[key] = _teacher_pass(setup, batch)
         return setup.teacher_cache[key]
@@ -321,8 +322,10 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     d = setup.recipe.distill
     mask = batch.get("attention_mask")  # None for images: no padding, every row (CLS included) counts
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    t_out, t_records = teacher_forward(setup, inputs)
-    with setup.student_recorder.active(), autocast(setup):
+    fused = setup.task == CAUSAL_LM and d.logit_impl == "fused"  # both heads skipped: final hidden states instead
+    with fused_logits.bypass_heads(setup.teacher, enabled=fused):
+        t_out, t_records = teacher_forward(setup, inputs)
+    with setup.student_recorder.active(), autocast(setup), fused_logits.bypass_heads(setup.student, enabled=fused):
         s_out = setup.student(**inputs)
         s_records = dict(setup.student_recorder.records)
     parts: dict[str, torch.Tensor] = {}
@@ -330,10 +333,14 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
         from shdcli.vision import classification_losses
 
         parts = classification_losses(s_out.logits, t_out.logits, batch["labels"], setup.use_logit, d.logit_temperature)
+    elif fused:
+        parts.update(fused_logits.causal_lm_parts(setup.student, s_out, setup.teacher, t_out, batch["input_ids"], mask,
+                                                  d, setup.use_logit))
     elif setup.task == CAUSAL_LM:
         parts["task"] = causal_lm_loss(s_out.logits, batch["input_ids"], mask)
         if setup.use_logit:
-            parts["logit"] = logit_kd_loss(s_out.logits, t_out.logits, mask, d.logit_temperature)
+            parts["logit"] = logit_kd_loss(s_out.logits, t_out.logits, mask, d.logit_temperature, kind=d.logit_loss,
+                                           beta=d.jsd_beta)
     else:
         t_hidden = t_out.last_hidden_state  # [B, N, D_t]
         channels = setup.derivation.channels if setup.derivation is not None else None
@@ -359,6 +366,7 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
             t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases,
             None if mask is None else mask.bool(),
             alpha=d.alpha, kind=d.attn_loss, tau=d.temperature, impl=d.impl, chunk_rows=d.chunk_rows,
+            budget_bytes=d.chunk_memory_mb * 2**20,
         )
         parts["shd"] = result.loss
         weights = result.weights
