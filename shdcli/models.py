@@ -466,7 +466,8 @@ def save_model_folder(model: nn.Module, tokenizer, target: Path, extra: dict[str
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, text in (extra or {}).items():
+        for name, text in (extra or {}).items():  # names may hold a folder: 1_Pooling/config.json
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text)
 
     write_folder_atomic(Path(target), fill)
