@@ -228,8 +228,8 @@ def _write_metadata(writer, gguf, config: dict, shape: LayerShapes, student_dir:
                     notes: list[str]) -> None:
     model_type = config["model_type"]
     name = student_dir.resolve().name if student_dir.resolve().name != "student" else student_dir.resolve().parent.name
-    if model_type == "mistral" and "mistral" not in name.lower():
-        name = f"mistral-{name}"  # transformers' GGUF reader rebuilds Mistral (not Llama) from this name
+    if name == "mistral":  # transformers' GGUF reader takes a llama file named exactly that for an arch
+        name = "mistral-student"  # "mistral", which gguf-py lacks; as llama it loads (Mistral without SWA)
     writer.add_type("model")
     writer.add_name(name)
     teacher = _teacher_spec(student_dir)

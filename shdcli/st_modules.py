@@ -26,7 +26,7 @@ def sentence_transformers_files(teacher_dir: Path, student_config) -> tuple[dict
     modules_file = teacher_dir / "modules.json"
     if not modules_file.is_file():
         return {}, []
-    hidden = int(getattr(student_config, "hidden_size"))
+    hidden = int(student_config.hidden_size)
     max_positions = getattr(student_config, "max_position_embeddings", None)
     files: dict[str, str] = {}
     notes: list[str] = []

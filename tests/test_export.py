@@ -1,5 +1,6 @@
-"""`shd export --format gguf`: tiny random Llama / Qwen2 / Gemma-3 students with unusual shapes, written to
-GGUF and read back by a consumer that shares no code with the writer (transformers' GGUF loader).
+"""`shd export --format gguf`: tiny random Llama / Qwen2 / Gemma-3 / Qwen3 / Mistral students with unusual
+shapes, written to GGUF and read back by a consumer that shares no code with the writer (transformers' GGUF
+loader).
 
 Tolerances, max |logit difference| relative to the largest |logit| of the student's own output:
 f32 1e-6 (measured: 0, the file is exact), f16 5e-3 (measured <= 1.4e-3), q8_0 5e-2 (measured <= 3.2e-2 on
@@ -9,6 +10,7 @@ these random tiny models: weights rounded to 8 bits per block of 32). Greedy con
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,7 @@ from tests.tiny import SENTENCES
 
 gguf = pytest.importorskip("gguf")
 
+FAMILIES = ("llama", "qwen2", "gemma3", "qwen3", "mistral")
 TOLERANCE = {"f32": 1e-6, "f16": 5e-3, "q8_0": 5e-2}
 TEXT = "The quick brown fox jumps over the lazy dog while the teacher squeezes heads."
 
@@ -61,7 +64,7 @@ def _sentencepiece_tokenizer():
 
 
 def _config(family: str, vocab: int):
-    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     if family == "llama":  # 3 heads, 3 KV heads, head_dim 20 != 96 / 3, odd MLP width
         return LlamaConfig(vocab_size=vocab, hidden_size=96, num_hidden_layers=2, num_attention_heads=3,
@@ -71,6 +74,14 @@ def _config(family: str, vocab: int):
         return Qwen2Config(vocab_size=vocab, hidden_size=96, num_hidden_layers=2, num_attention_heads=6,
                            num_key_value_heads=2, intermediate_size=101, max_position_embeddings=128,
                            rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    if family == "qwen3":  # q/k norms; head_dim 128 != 96 / 4 (transformers' GGUF reader assumes Qwen3's 128)
+        return Qwen3Config(vocab_size=vocab, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=128, intermediate_size=70, max_position_embeddings=128,
+                           tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    if family == "mistral":  # 6 heads, 3 KV heads (not a power of two), written as llama.cpp's llama
+        return MistralConfig(vocab_size=vocab, hidden_size=96, num_hidden_layers=2, num_attention_heads=6,
+                             num_key_value_heads=3, head_dim=16, intermediate_size=80, max_position_embeddings=128,
+                             sliding_window=None, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
     # Gemma-3 text: 3 heads, 1 KV head, head_dim 256 (8x the width / heads), sliding window 6 < the text
     return Gemma3TextConfig(vocab_size=vocab, hidden_size=96, num_hidden_layers=3, num_attention_heads=3,
                             num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, intermediate_size=90,
@@ -83,7 +94,7 @@ def make_student(family: str, folder: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     tokenizer = _sentencepiece_tokenizer() if family == "gemma3" else _byte_level_tokenizer()
-    torch.manual_seed({"llama": 0, "qwen2": 1, "gemma3": 2}[family])
+    torch.manual_seed(FAMILIES.index(family))
     model = AutoModelForCausalLM.from_config(_config(family, len(tokenizer)), dtype=torch.float32)
     with torch.no_grad():  # random norm weights: a wrong Gemma +1 or a missing norm would show
         for name, param in model.named_parameters():
@@ -97,7 +108,7 @@ def make_student(family: str, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def students(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("export")
-    return {family: make_student(family, base / family / "student") for family in ("llama", "qwen2", "gemma3")}
+    return {family: make_student(family, base / family / "student") for family in FAMILIES}
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -105,7 +116,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits[0]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_round_trip_through_transformers(students, family, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -236,3 +247,29 @@ def test_cli_export(students, tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "onnx" in bad.stderr and "Traceback" not in bad.stderr
     assert json.loads((students["qwen2"] / "config.json").read_text())["model_type"] == "qwen2"
+
+
+def test_per_layer_head_counts_and_widths_come_from_the_tensors(students, tmp_path):
+    """A student pruned unevenly (layer 1: 2 of 3 heads and KV heads, a narrower MLP) is described per layer."""
+    from safetensors.torch import load_file, save_file
+
+    pruned = tmp_path / "pruned" / "student"
+    shutil.copytree(students["llama"], pruned)
+    state = load_file(str(pruned / "model.safetensors"))
+    p = "model.layers.1."
+    state[p + "self_attn.q_proj.weight"] = state[p + "self_attn.q_proj.weight"][:40].clone()  # 2 heads x 20
+    state[p + "self_attn.o_proj.weight"] = state[p + "self_attn.o_proj.weight"][:, :40].clone()
+    for name in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):  # and 2 of 3 key/value heads
+        state[p + name] = state[p + name][:40].clone()
+    for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+        state[p + name] = state[p + name][:50].clone()
+    state[p + "mlp.down_proj.weight"] = state[p + "mlp.down_proj.weight"][:, :50].clone()
+    save_file(state, str(pruned / "model.safetensors"))
+    out = tmp_path / "pruned.gguf"
+    export(pruned, "gguf", "f32", out)
+    reader = gguf.GGUFReader(str(out))
+    assert _reader_value(reader, "llama.attention.head_count") == [3, 2]
+    assert _reader_value(reader, "llama.attention.head_count_kv") == [3, 2]
+    assert _reader_value(reader, "llama.feed_forward_length") == [77, 50]
+    q = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
+    assert list(q.shape) == [96, 40]  # ggml order: [in, out]
