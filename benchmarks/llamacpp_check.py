@@ -10,8 +10,10 @@ recipes train on CPython's pydoc topics):
   - greedy continuation: how many of --gen-tokens generated tokens match the reference;
   - tokenizer: share of held-out documents that llama.cpp's tokenizer (from the GGUF) splits exactly as
     the student's HF tokenizer does (the model comparisons feed both runtimes the same HF token ids);
+  - q8_0 bytes: our Q8_0 file against llama.cpp's own quantizer run on our f32 export, tensor by tensor;
   - speed on CPU with the same thread count: prompt tokens/s (one window forward) and generation tokens/s
-    (greedy, one token at a time with a KV cache), as ratios to transformers measured in this run.
+    (greedy, one token at a time with a KV cache), in rounds interleaving transformers and both runtimes;
+    medians of the per-round ratios to transformers (the reference).
 
   python benchmarks/llamacpp_check.py runs/smollm2_9to3/student --dtypes f16 q8_0
   (needs: pip install llama-cpp-python, built from source: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install
@@ -119,6 +121,27 @@ class LlamaCppRunner:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
 
+def same_as_llamacpp_quantizer(student: Path, ours: Path, out_dir: Path) -> tuple[int, int]:
+    """(identical tensors, all tensors): our q8_0 file against llama.cpp's own quantizer
+    (llama_model_quantize) applied to our f32 export, compared block for block."""
+    import ctypes
+
+    import gguf
+    import llama_cpp
+
+    f32 = export(student, "gguf", "f32", out_dir / "student-f32.gguf").path
+    theirs = out_dir / "student-q8_0-by-llamacpp.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, 1
+    if llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) != 0:
+        raise SystemExit("llama_model_quantize failed")
+    a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(theirs)).tensors}
+    same = sum(n in b and a[n].tensor_type == b[n].tensor_type and np.array_equal(np.asarray(a[n].data),
+                                                                                  np.asarray(b[n].data)) for n in a)
+    return same, len(set(a) | set(b))
+
+
 def compare(reference: list[np.ndarray], other: list[np.ndarray], wins: list[list[int]]) -> dict:
     target_diff, full_diff, agree, nll_ref, nll = [], [], [], [], []
     for ref, got, ids in zip(reference, other, wins):
@@ -145,6 +168,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
     parser.add_argument("--out-dir", type=Path, default=None, help="where the .gguf files go (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args()
@@ -158,35 +182,48 @@ def main() -> None:
     reference = HFRunner(AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32),
                          "transformers (HF folder, f32)")
 
-    def measure(runner) -> tuple[list[np.ndarray], float, list[int], float]:
-        lps, secs = zip(*(runner.logprobs(w) for w in wins))
-        gen, gen_s = runner.generate(wins[0][: args.n_ctx // 2], args.gen_tokens)
-        return list(lps), statistics.median(secs), gen, gen_s
-
-    ref_lp, ref_s, ref_gen, ref_gen_s = measure(reference)
-    rows, extra = [], {}
+    ref_lp = [reference.logprobs(w)[0] for w in wins]
+    prompt = wins[0][: args.n_ctx // 2]
+    ref_gen = reference.generate(prompt, args.gen_tokens)[0]
+    rows, extra, ref_speed = [], {}, []
     for dtype in args.dtypes:
         result = export(args.student, "gguf", dtype, out_dir / f"student-{dtype}.gguf")
         runners = [LlamaCppRunner(result.path, args.n_ctx, args.threads, f"llama.cpp ({dtype})"),
                    HFRunner(AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=result.path.name,
                                                                  dtype=torch.float32),
                             f"transformers (GGUF {dtype})")]
+        # Speed: rounds interleave the reference and the two runtimes (same window, same prompt), so load
+        # from other processes hits them alike; medians of per-round ratios to the reference.
+        times = {name: {"prompt": [], "gen": []} for name in [reference.name] + [r.name for r in runners]}
+        for r in range(args.rounds):
+            for runner in [reference, *runners]:
+                times[runner.name]["prompt"].append(runner.logprobs(wins[r % len(wins)])[1])
+                times[runner.name]["gen"].append(runner.generate(prompt, args.gen_tokens)[1])
+        ref_t = times[reference.name]
+        ref_speed.append((args.n_ctx / statistics.median(ref_t["prompt"]),
+                          args.gen_tokens / statistics.median(ref_t["gen"])))
         for runner in runners:
-            lps, secs, gen, gen_s = measure(runner)
+            lps = [runner.logprobs(w)[0] for w in wins]
+            gen = runner.generate(prompt, args.gen_tokens)[0]
+            t = times[runner.name]
             row = {"runtime": runner.name, "file_mib": result.bytes / 2**20, **compare(ref_lp, lps, wins),
                    "greedy_match": sum(a == b for a, b in zip(gen, ref_gen)) / len(ref_gen),
-                   "prompt_tok_s": args.n_ctx / secs, "prompt_speed_vs_hf": ref_s / secs,
-                   "gen_tok_s": args.gen_tokens / gen_s, "gen_speed_vs_hf": ref_gen_s / gen_s}
+                   "prompt_tok_s": args.n_ctx / statistics.median(t["prompt"]),
+                   "prompt_speed_vs_hf": statistics.median(a / b for a, b in zip(ref_t["prompt"], t["prompt"])),
+                   "gen_tok_s": args.gen_tokens / statistics.median(t["gen"]),
+                   "gen_speed_vs_hf": statistics.median(a / b for a, b in zip(ref_t["gen"], t["gen"]))}
             if isinstance(runner, LlamaCppRunner):
                 same = [runner.tokenize(d) == tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs[:500]]
-                extra[f"tokenizer_agreement_{dtype}"] = sum(same) / len(same)
                 row["tokenizer_agreement"] = sum(same) / len(same)
             rows.append(row)
-            del runner
+        del runners
+        if dtype == "q8_0":
+            extra["q8_0_tensors_identical_to_llamacpp_quantize"] = same_as_llamacpp_quantizer(
+                args.student, result.path, out_dir)
     print(f"student {args.student}: {args.windows} windows x {args.n_ctx} held-out tokens "
           f"(fortunes {' '.join(args.fortunes)}), {args.threads} thread(s); reference {reference.name}: "
-          f"ppl {rows[0]['ppl_reference']:.2f}, {args.n_ctx / ref_s:.0f} prompt tok/s, "
-          f"{args.gen_tokens / ref_gen_s:.1f} gen tok/s")
+          f"ppl {rows[0]['ppl_reference']:.2f}, {ref_speed[0][0]:.0f} prompt tok/s, {ref_speed[0][1]:.1f} gen tok/s "
+          f"(median of {args.rounds} rounds interleaved with the runtimes below)")
     cols = ["runtime", "file_mib", "target_logprob_mae", "target_logprob_max", "full_logprob_mae", "top1_agreement",
             "ppl", "greedy_match", "tokenizer_agreement", "prompt_tok_s", "prompt_speed_vs_hf", "gen_tok_s",
             "gen_speed_vs_hf"]
@@ -195,9 +232,11 @@ def main() -> None:
     for row in rows:
         cells = [row.get(c, "") for c in cols]
         print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells) + " |")
+    if "q8_0_tensors_identical_to_llamacpp_quantize" in extra:
+        same, total = extra["q8_0_tensors_identical_to_llamacpp_quantize"]
+        print(f"q8_0: {same} of {total} tensors byte-identical to llama.cpp's llama_model_quantize of the f32 export")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "reference_prompt_tok_s": args.n_ctx / ref_s,
-                                         "reference_gen_tok_s": args.gen_tokens / ref_gen_s, **extra}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "reference_tok_s": ref_speed, **extra}, indent=2))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -76,7 +77,10 @@ def export(student_dir: Path, fmt: str, dtype: str | None, out: Path | None) -> 
     dtype = dtype or "f16"
     if dtype not in DTYPES:
         raise ShdError(f"--dtype: {dtype!r} is not a GGUF dtype shd writes; use {', '.join(DTYPES)}")
-    out = Path(out) if out is not None else student_dir.parent / f"{student_dir.name}-{dtype}.gguf"
+    default_name = f"{student_dir.name}-{dtype}.gguf"
+    out = student_dir.parent / default_name if out is None else Path(out)
+    if out.is_dir():
+        out = out / default_name
     return export_gguf(student_dir, out, dtype)
 
 
@@ -98,7 +102,7 @@ def export_gguf(student_dir: Path, out: Path, dtype: str) -> ExportResult:
             f"{student_dir}: model family {model_type!r} cannot be exported to GGUF{hint}; shd writes "
             f"{', '.join(sorted(FAMILIES))} (other families: --format safetensors)"
         )
-    if task_of(_AttrDict(config)) != CAUSAL_LM:
+    if task_of(SimpleNamespace(architectures=config.get("architectures"), model_type=model_type)) != CAUSAL_LM:
         raise ShdError(f"{student_dir}: a {config.get('architectures')} model is not a causal LM; GGUF export "
                        "needs a ...ForCausalLM student (use --format safetensors)")
     arch_name, permute_qk, norm_plus_one = FAMILIES[model_type]
@@ -111,8 +115,8 @@ def export_gguf(student_dir: Path, out: Path, dtype: str) -> ExportResult:
     tmp_fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")  # same filesystem: rename
     os.close(tmp_fd)
     tmp = Path(tmp_name)
+    writer = gguf.GGUFWriter(str(tmp), arch_name)
     try:
-        writer = gguf.GGUFWriter(str(tmp), arch_name)
         _write_metadata(writer, gguf, config, shape, student_dir, dtype, notes)
         tokenizer_source = _write_tokenizer(writer, gguf, student_dir, config, notes)
         counts = _write_tensors(writer, gguf, arch, config, state, shape, dtype, permute_qk, norm_plus_one, notes)
@@ -126,17 +130,14 @@ def export_gguf(student_dir: Path, out: Path, dtype: str) -> ExportResult:
         os.replace(tmp, out)
         fsync_dir(out.parent)
     finally:
+        if writer.fout is not None:  # failed half way: close before removing the partial file
+            writer.close()
         tmp.unlink(missing_ok=True)
     return ExportResult(out, arch_name, dtype, sum(counts.values()), out.stat().st_size, tokenizer_source,
                         counts, notes)
 
 
 # --------------------------------------------------------------------------- reading the student
-class _AttrDict(dict):
-    def __getattr__(self, name):
-        return self.get(name)
-
-
 def _import_gguf():
     try:
         import gguf
