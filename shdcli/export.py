@@ -31,6 +31,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import yaml
 
 from shdcli.errors import ShdError
 from shdcli.models import CAUSAL_LM, TOKENIZER_FILES, source_path, task_of
@@ -389,11 +390,16 @@ def _write_one(writer, gguf, name: str, data: np.ndarray, dtype: str) -> str:
 
 # --------------------------------------------------------------------------- tokenizer
 def _teacher_spec(student_dir: Path) -> str | None:
-    """The recipe's teacher path from the run's metrics.json next to the student folder, if any."""
-    metrics = student_dir.parent / "metrics.json"
+    """The recipe's teacher path: from the run's metrics.json next to the student folder, else from the
+    model card's front matter (base_model) when the folder was moved on its own; None if neither says."""
     try:
-        return json.loads(metrics.read_text())["recipe"]["teacher"]["path"]
+        return json.loads((student_dir.parent / "metrics.json").read_text())["recipe"]["teacher"]["path"]
     except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        front = (student_dir / "README.md").read_text().split("---\n")[1]
+        return yaml.safe_load(front).get("base_model")
+    except (OSError, IndexError, AttributeError, yaml.YAMLError):
         return None
 
 

@@ -273,3 +273,52 @@ def test_per_layer_head_counts_and_widths_come_from_the_tensors(students, tmp_pa
     assert _reader_value(reader, "llama.feed_forward_length") == [77, 50]
     q = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
     assert list(q.shape) == [96, 40]  # ggml order: [in, out]
+
+
+def _tokenizer_fields(path) -> dict:
+    reader = gguf.GGUFReader(str(path))
+    return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+
+
+def test_tokenizer_is_copied_from_a_gguf_teacher(students, tmp_path):
+    """A run whose teacher was a GGUF file: the student's file carries the teacher's tokenizer keys as they
+    are (found through the run's metrics.json, or the model card when the folder was moved alone)."""
+    teacher = tmp_path / "teacher.gguf"
+    export(students["qwen2"], "gguf", "f16", teacher)
+    run = tmp_path / "run"
+    shutil.copytree(students["qwen2"], run / "student")
+    (run / "metrics.json").write_text(json.dumps({"recipe": {"teacher": {"path": str(teacher)}}}))
+    (run / "student" / "tokenizer.json").unlink()  # so a conversion could not have produced the keys
+    result = export(run / "student", "gguf", "q8_0", tmp_path / "student.gguf")
+    assert result.tokenizer.startswith("copied from the teacher's GGUF teacher.gguf")
+    want = _tokenizer_fields(teacher)
+    assert _tokenizer_fields(result.path) == want and "tokenizer.ggml.merges" in want
+
+    alone = tmp_path / "moved"
+    shutil.copytree(run / "student", alone)
+    (alone / "README.md").write_text(f"---\nbase_model: {teacher}\nlibrary_name: transformers\n---\n# card\n")
+    assert _tokenizer_fields(export(alone, "gguf", "f16", tmp_path / "moved.gguf").path) == want
+
+
+def test_gemma_query_scale_is_folded_for_llamacpp(tmp_path):
+    """llama.cpp's gemma3 scales queries by 1/sqrt(head_dim); a student with query_pre_attn_scalar != head_dim
+    gets the difference folded into q_norm. transformers told to use 1/sqrt(head_dim) as llama.cpp does
+    (query_pre_attn_scalar=head_dim) must then reproduce the student's logits."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    tokenizer = _sentencepiece_tokenizer()
+    torch.manual_seed(5)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=200, intermediate_size=64,
+                              max_position_embeddings=128, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    folder = tmp_path / "gemma" / "student"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    result = export(folder, "gguf", "f32", tmp_path / "g.gguf")
+    assert any("query_pre_attn_scalar" in note for note in result.notes)
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    like_llamacpp = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="g.gguf", dtype=torch.float32,
+                                                         query_pre_attn_scalar=32).eval()
+    want, got = _logits(model, ids), _logits(like_llamacpp, ids)
+    assert (got - want).abs().max().item() / want.abs().max().item() < 1e-5
