@@ -38,7 +38,8 @@ def render_card(metrics: dict, task: str, sentence_transformers: bool = False) -
         f"# SHD student of `{teacher}`", "",
         f"A {s['model_type']} student distilled from `{teacher}` with Squeezing-Heads Distillation "
         f"([shd](https://arxiv.org/abs/2502.07436): each student head learns the attention map of a group of "
-        "teacher heads, squeezed into one map), next to logit KD and the task loss.", "",
+        "teacher heads, squeezed into one map), next to the task loss"
+        + (" and logit KD." if recipe["distill"]["logit"] else "."), "",
         "## What was pruned", "",
         _shape_table(t, s, metrics.get("sizes", {})), "",
         "Student layer <- teacher layer, and the teacher heads each student head stands for:", "",
