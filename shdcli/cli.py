@@ -202,6 +202,27 @@ def eval_(
             console.print(f"[dim]note: {note}[/dim]")
 
 
+@app.command("export")
+def export_(
+    student: Annotated[Path, typer.Argument(help="Student folder written by `shd distill` (its student/).")],
+    format_: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama, LM Studio) or safetensors "
+                                         "(the HF folder: transformers, vLLM, TGI).")] = "gguf",
+    dtype: Annotated[str | None, typer.Option(help="GGUF weights: f32, f16 (default) or q8_0.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output file (default: STUDENT-DTYPE.gguf beside the "
+                                             "folder) or folder for safetensors.")] = None,
+) -> None:
+    """Write the student for another runtime: one GGUF file for llama.cpp, or the HF safetensors folder."""
+    from shdcli import export
+
+    result = export.export(student, format_, dtype, out)
+    if isinstance(result, Path):
+        console.print(f"safetensors HF folder: {result}")
+        return
+    console.print(escape(export.describe(result)), highlight=False, soft_wrap=True)
+    for note in result.notes:
+        console.print(f"[dim]note: {escape(note)}[/dim]")
+
+
 def _int_list(text: str | None, field: str) -> list[int] | None:
     if text is None:
         return None

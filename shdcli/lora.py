@@ -104,7 +104,8 @@ def save_lora_student(model: nn.Module, tokenizer, student_dir: Path, extra: dic
             base.save_pretrained(tmp, state_dict=_plain_state(model, merged), safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            for name, text in files.items():
+            for name, text in files.items():  # names may hold a folder: 1_Pooling/config.json
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / name).write_text(text)
         return write
 

@@ -97,7 +97,7 @@ def task_of(config) -> str:
 # --------------------------------------------------------------------------- sources
 def resolve_source(spec: str, field: str) -> Path:
     """Turn a recipe's model reference into a local HF folder (converting GGUF once)."""
-    path = _resolve_pkg(spec, field) if spec.startswith("pkg://") else Path(spec).expanduser()
+    path = source_path(spec, field)
     if not os.path.exists(path):  # os.path: False (not an exception) for over-long or odd names
         raise ShdError(f"{field}: {spec} does not exist; give an HF folder, a .gguf file or pkg://package/path")
     if path.is_file() and path.suffix == ".gguf":
@@ -107,6 +107,11 @@ def resolve_source(spec: str, field: str) -> Path:
     if not (path / "config.json").exists():
         raise ShdError(f"{field}: {spec} has no config.json; point it at a Hugging Face model folder")
     return path
+
+
+def source_path(spec: str, field: str) -> Path:
+    """The file or folder a model reference names (pkg:// resolved), before any conversion."""
+    return _resolve_pkg(spec, field) if spec.startswith("pkg://") else Path(spec).expanduser()
 
 
 def _resolve_pkg(spec: str, field: str) -> Path:
@@ -344,7 +349,8 @@ def save_model_folder(model: nn.Module, tokenizer, target: Path, extra: dict[str
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, text in (extra or {}).items():
+        for name, text in (extra or {}).items():  # names may hold a folder: 1_Pooling/config.json
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text)
 
     write_folder_atomic(Path(target), fill)

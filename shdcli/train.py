@@ -23,6 +23,7 @@ from shdcli.evaluate import ood_heldout
 from shdcli.grouping import calibrate_plan, calibrate_teacher
 from shdcli.losses import causal_lm_loss, embedding_loss, logit_kd_loss, shd_loss
 from shdcli.mapping import Plan, layer_pairs, make_plan, plan_table
+from shdcli.model_card import render_card
 from shdcli.models import (
     CAUSAL_LM,
     IMAGE_CLASSIFICATION,
@@ -37,6 +38,7 @@ from shdcli.models import (
 from shdcli.recipe import Recipe
 from shdcli.report import render_report, write_json_atomic, write_text_atomic
 from shdcli.shd import group_feature_bases
+from shdcli.st_modules import sentence_transformers_files
 from shdcli.student import (
     Derivation,
     config_counter,
@@ -619,6 +621,9 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
     student_dir = out_dir / "student"
     plan_dict = setup.plan.to_dict()
     extra = {"shd_plan.json": json.dumps(plan_dict, indent=2)}
+    # A sentence-transformers teacher's modules.json / pooling / normalize, adapted to the student's width.
+    extra.update(sentence_transformers_files(resolve_source(recipe.teacher.path, "teacher.path"),
+                                             distributed.unwrap(setup.student).config)[0])
     to_save = distributed.model_for_saving(setup.student)  # collective under FSDP; None off rank 0
     if to_save is not None and recipe.student.lora is not None:
         from shdcli.lora import save_lora_student  # merged student + lora/adapter + lora/base
@@ -650,6 +655,8 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
     if dist_info.is_main:
         write_json_atomic(out_dir / "metrics.json", metrics)
         write_text_atomic(out_dir / "report.md", render_report(metrics))
+        if to_save is not None:  # the model card holds the final evaluation, so it comes after it
+            write_text_atomic(student_dir / "README.md", render_card(metrics, setup.task, "modules.json" in extra))
     distributed.barrier()
     return metrics
 

@@ -61,6 +61,8 @@ def check_outputs(out, kind: str, steps: int) -> dict:
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary files left"
 
     student_dir = out / "student"
+    card = (student_dir / "README.md").read_text()  # the model card, with the run's final numbers
+    assert card.startswith("---\nbase_model: ") and f"| {metrics['final_eval']['params']} |" in card
     cls = AutoModel if kind == "bert" else AutoModelForCausalLM
     model = cls.from_pretrained(student_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
