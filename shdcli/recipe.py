@@ -89,14 +89,26 @@ class DataSpec(Section):
     val_batches: int = Field(8, ge=1)
 
 
+class EveryLayers(Section):
+    every: int = Field(ge=1, description="the last student layer and every N-th below it")
+
+
+class LastLayers(Section):
+    last: int = Field(ge=1, description="the last N student layers")
+
+
 class DistillSpec(Section):
-    layers: Literal["auto", "last"] | list[tuple[int, int]] = "auto"
+    # auto | last | [[student, teacher], ...] | {every: N} | {last: N} (mapping.layer_pairs)
+    layers: Literal["auto", "last"] | list[tuple[int, int]] | EveryLayers | LastLayers = "auto"
     grouping: Literal["balanced", "pairs", "calibrated"] = "balanced"
     calibration_batches: int = Field(8, ge=1, description="training batches the teacher sees to calibrate grouping")
     alpha: Literal["lsq", "mean", "select"] = "lsq"
     attn_loss: Literal["kl", "mse", "cosine"] = "kl"
     # squeeze: SHD. projector / score_mean: the baselines of benchmarks/quality.py (see shdcli/baselines.py).
-    target: Literal["squeeze", "projector", "score_mean"] = "squeeze"
+    # relations: MiniLMv2 Q-Q/K-K/V-V self-attention relations (shdcli/relations.py).
+    target: Literal["squeeze", "projector", "score_mean", "relations"] = "squeeze"
+    relation_heads: int = Field(0, ge=0, description="relation heads of target=relations; 0 = the gcd of the "
+                                "teacher's and student's query and KV head counts")
     temperature: float = Field(1.0, gt=0.0)
     logit_temperature: float = Field(2.0, gt=0.0)
     task: float = Field(1.0, ge=0.0)
@@ -104,6 +116,18 @@ class DistillSpec(Section):
     shd: float = Field(1.0, ge=0.0)
     impl: Literal["lean", "naive"] = "lean"
     chunk_rows: int = Field(0, ge=0, description="query rows per chunk in the lean path; 0 = auto")
+    # shdcli/balance.py: with value|grad, `shd` is the SHD term's fraction of the task + logit term.
+    balance: Literal["none", "value", "grad"] = "none"
+    shd_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"
+    shd_warmup_steps: int = Field(0, ge=0, description="steps over which the SHD weight ramps up from 0")
+    shd_decay_steps: int = Field(0, ge=0, description="steps of decay after the warmup; 0 = until train.max_steps")
+
+    @model_validator(mode="after")
+    def _balance_needs_a_reference(self) -> DistillSpec:
+        if self.balance != "none" and self.task == 0 and self.logit == 0:
+            raise ValueError(f"balance={self.balance} scales SHD to a fraction of the task + logit term, which "
+                             "has weight 0 here; give distill.task or distill.logit a weight, or set balance=none")
+        return self
 
 
 class TrainSpec(Section):
@@ -116,6 +140,8 @@ class TrainSpec(Section):
     seed: int = 0
     eval_every: int = Field(25, ge=1)
     log_every: int = Field(1, ge=1)
+    grad_norms_every: int = Field(10, ge=0, description="steps between measurements of the per-part gradient norms "
+                                  "(task, logit, shd; costs one extra backward per part); 0 = never")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")

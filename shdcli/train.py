@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from shdcli import capture, checkpoint, checks, distributed
+from shdcli import balance, capture, checkpoint, checks, distributed
 from shdcli.data import BatchStream, TokenBlocks, eval_batches, load_blocks
 from shdcli.errors import ShdError
 from shdcli.grouping import calibrate_plan
@@ -35,6 +35,7 @@ from shdcli.models import (
     save_model_folder,
 )
 from shdcli.recipe import Recipe
+from shdcli.relations import relation_loss
 from shdcli.report import render_report, write_json_atomic, write_text_atomic
 from shdcli.shd import group_feature_bases, group_heads
 
@@ -59,12 +60,15 @@ class Setup:
     projector: torch.nn.Module | None = None
     # Optional memo of teacher forwards keyed by batch content (benchmarks reuse one teacher pass across runs).
     teacher_cache: dict | None = None
+    step: int = 0  # index of the optimizer step being taken (0-based): the SHD schedule reads it
+    shd_grad_scale: float | None = None  # balance=grad: the last scale of the SHD gradient (balance.py)
     teacher_recorder: capture.AttentionRecorder = field(init=False)
     student_recorder: capture.AttentionRecorder = field(init=False)
 
     def __post_init__(self) -> None:
         self.teacher_recorder = capture.AttentionRecorder({t for _, t in self.plan.pairs}, keep_values=True)
-        self.student_recorder = capture.AttentionRecorder({s for s, _ in self.plan.pairs})
+        relations = self.recipe.distill.target == "relations"  # MiniLMv2 relations need the student's values
+        self.student_recorder = capture.AttentionRecorder({s for s, _ in self.plan.pairs}, keep_values=relations)
 
 
 def seed_everything(seed: int) -> None:
@@ -151,6 +155,7 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     if device.type == "cpu":  # a resumed run must end bit-identical to an uninterrupted one
         torch.use_deterministic_algorithms(True, warn_only=True)
     amp_dtype = torch.bfloat16 if recipe.train.dtype == "bfloat16" else None
+    balance.check_supported(recipe.distill.balance, distributed.env_info().enabled)
 
     teacher, tokenizer, task = loaded if loaded is not None else load_teacher(recipe)[:3]
     t_shape = model_shape(teacher.config)
@@ -272,9 +277,12 @@ def _teacher_pass(setup: Setup, batch: dict[str, torch.Tensor]):
     return out, records
 
 
-def step_losses(setup: Setup, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
-    """Total loss (with grad), its parts (detached) and the squeeze weights for one batch."""
+def step_losses(setup: Setup, batch: dict[str, torch.Tensor],
+                terms_out: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+    """Total loss (with grad), its parts (detached) and the squeeze weights for one batch.
+    terms_out, if given, receives the weighted terms with grad (balance.weighted_terms) for train_step."""
     d = setup.recipe.distill
+    fraction = balance.shd_fraction(d, setup.step, setup.recipe.train.max_steps)
     mask = batch.get("attention_mask")  # None for images: no padding, every row (CLS included) counts
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     t_out, t_records = teacher_forward(setup, inputs)
@@ -301,20 +309,30 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
                 + ("; set train.compile=false" if setup.recipe.train.compile else
                    "; the model must route attention through transformers' AttentionInterface")
             )
-    if d.shd > 0 and d.target != "squeeze":
-        from shdcli.baselines import attention_target_loss
+    # A schedule at 0: the term is still measured, without a graph (nothing to back-propagate).
+    with torch.no_grad() if fraction == 0 else nullcontext():
+        if d.shd > 0 and d.target == "relations":
+            parts["shd"] = relation_loss(t_records, s_records, setup.plan.pairs, None if mask is None else mask.bool(),
+                                         d.relation_heads, d.chunk_rows)
+        elif d.shd > 0 and d.target != "squeeze":
+            from shdcli.baselines import attention_target_loss
 
-        parts["shd"] = attention_target_loss(setup, t_records, s_records, mask.bool())
-    elif d.shd > 0:
-        result = shd_loss(
-            t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases,
-            None if mask is None else mask.bool(),
-            alpha=d.alpha, kind=d.attn_loss, tau=d.temperature, impl=d.impl, chunk_rows=d.chunk_rows,
-        )
-        parts["shd"] = result.loss
-        weights = result.weights
-    coef = {"task": d.task, "logit": d.logit, "shd": d.shd}
-    total = sum(coef[k] * v for k, v in parts.items())
+            parts["shd"] = attention_target_loss(setup, t_records, s_records, mask.bool())
+        elif d.shd > 0:
+            result = shd_loss(
+                t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases,
+                None if mask is None else mask.bool(),
+                alpha=d.alpha, kind=d.attn_loss, tau=d.temperature, impl=d.impl, chunk_rows=d.chunk_rows,
+            )
+            parts["shd"] = result.loss
+            weights = result.weights
+    terms = balance.weighted_terms(parts, {"task": d.task, "logit": d.logit}, fraction, d.balance)
+    shown = dict(terms)
+    if d.balance == "grad" and "shd" in terms:  # its real scale is set in backward; value: the last one
+        shown["shd"] = terms["shd"] * (fraction if setup.shd_grad_scale is None else setup.shd_grad_scale)
+    if terms_out is not None:
+        terms_out.update(terms)
+    total = sum(shown.values())
     return total, {k: v.detach() for k, v in parts.items()}, weights
 
 
@@ -441,23 +459,50 @@ class NonFinite(Exception):
 def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple[dict, float, list, int]:
     """One optimizer step over grad_accum micro-batches -> (mean loss parts, grad norm, squeeze weights, tokens)."""
     accum, clip = setup.recipe.train.grad_accum, setup.recipe.train.grad_clip
+    d, every = setup.recipe.distill, setup.recipe.train.grad_norms_every
+    # Per-part backward (balance=grad always, norms every grad_norms_every-th step; one process only: it
+    # assembles .grad by hand, which DDP/FSDP's sync hooks would not see).
+    per_part = not distributed.env_info().enabled and (
+        d.balance == "grad" or (every > 0 and (setup.step + 1) % every == 0))
+    params = [p for p in setup.student.parameters() if p.requires_grad]
+    n_student = len(params)
+    if setup.projector is not None:
+        params += list(setup.projector.parameters())
+    fraction = balance.shd_fraction(d, setup.step, setup.recipe.train.max_steps)
     optimizer.zero_grad(set_to_none=True)
     parts_sum: dict[str, float] = {}
+    part_grads: dict[str, list] = {}
     weights, tokens = [], 0
     for micro in range(accum):
         batch = {k: v.to(setup.device) for k, v in stream.next().items()}
         # forward and backward inside: DDP/FSDP skip the gradient all-reduce until the last micro-step
         with distributed.grad_sync(setup.student, micro == accum - 1):
-            total, parts, w = step_losses(setup, batch)
+            terms: dict[str, torch.Tensor] = {}
+            total, parts, w = step_losses(setup, batch, terms)
             for name, value in {**parts, "total": total.detach()}.items():
                 value = float(value)
                 if not math.isfinite(value):
                     raise NonFinite(name, value)
                 parts_sum[name] = parts_sum.get(name, 0.0) + value / accum
-            (total / accum).backward()
+            shd_coef = float(terms["shd"].detach() / parts["shd"]) if "shd" in parts and parts["shd"] > 0 else 0.0
+            if per_part:
+                grads, scale = balance.backward_terms(terms, params, n_student, d.balance, fraction, accum)
+                if d.balance == "grad" and "shd" in terms:  # the total with the scale actually applied
+                    setup.shd_grad_scale = shd_coef = scale
+                    value = sum(float(v) for k, v in terms.items() if k != "shd") + scale * float(parts["shd"])
+                    parts_sum["total"] += (value - float(total)) / accum
+                for name, gs in grads.items():
+                    part_grads[name] = balance.sum_grads(part_grads.get(name, [None] * n_student), gs[:n_student],
+                                                         1.0 / accum)
+            else:
+                (total / accum).backward()
+            if d.balance != "none" or d.shd_schedule != "constant" or d.shd_warmup_steps:
+                parts_sum["shd_coef"] = parts_sum.get("shd_coef", 0.0) + shd_coef / accum
         weights.append(w)
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
     parts_sum, tokens = distributed.reduce_metrics(parts_sum, tokens, setup.device)
+    for name, gs in part_grads.items():  # of each weighted term's gradient, before clipping
+        parts_sum[f"grad_norm_{name}"] = float(balance.global_norm(gs))
     # max_norm=inf measures without clipping (the scale factor clamps to exactly 1).
     grad_norm = distributed.as_float(
         torch.nn.utils.clip_grad_norm_(setup.student.parameters(), clip if clip > 0 else math.inf)
@@ -521,6 +566,7 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
         task_id = progress.add_task("distill", total=max_steps, completed=run.step, losses="", speed="")
         while run.step < max_steps:
             before = checkpoint.position(stream)  # the state to save if this step goes bad
+            setup.step = run.step
             try:
                 parts, grad_norm, weights, tokens = train_step(setup, stream, optimizer, scheduler)
             except NonFinite as bad:
