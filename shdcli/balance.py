@@ -56,7 +56,7 @@ def shd_fraction(distill, step: int, max_steps: int) -> float:
 # --------------------------------------------------------------------------- the weighted terms
 def value_scale(rest: torch.Tensor, shd: torch.Tensor, fraction: float) -> torch.Tensor:
     """Detached c with c * shd == fraction * rest in value (0 where shd is 0: nothing to scale)."""
-    rest, shd = rest.detach().float(), shd.detach().float()
+    rest, shd = rest.detach(), shd.detach()
     return torch.where(shd > 0, fraction * rest / shd.clamp_min(1e-30), torch.zeros_like(shd))
 
 
@@ -84,9 +84,10 @@ def weighted_terms(parts: dict[str, torch.Tensor], weights: dict[str, float], fr
 # --------------------------------------------------------------------------- per-part gradients
 def part_gradients(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, list[torch.Tensor | None]]:
     """d term / d params for each term, from the same graph (one backward per term, graph retained
-    until the last). None where a parameter does not influence a term."""
+    until the last). None where a parameter does not influence a term (all None for a term without
+    a graph, e.g. SHD at schedule weight 0)."""
     names = [k for k, v in terms.items() if v.requires_grad]
-    out: dict[str, list[torch.Tensor | None]] = {}
+    out: dict[str, list[torch.Tensor | None]] = {k: [None] * len(params) for k in terms}
     for i, name in enumerate(names):
         out[name] = list(torch.autograd.grad(terms[name], params, retain_graph=i < len(names) - 1,
                                              allow_unused=True))
@@ -94,9 +95,11 @@ def part_gradients(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -
 
 
 def global_norm(grads: list[torch.Tensor | None]) -> torch.Tensor:
-    """L2 norm over a list of gradients (None counts as zero), in float32."""
-    sq = [g.detach().float().pow(2).sum() for g in grads if g is not None]
-    return torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
+    """L2 norm over a list of gradients (None counts as zero): per-tensor norms in their own dtype
+    (at least float32), combined in float64."""
+    norms = [torch.linalg.vector_norm(g.detach(), dtype=torch.promote_types(g.dtype, torch.float32)).double()
+             for g in grads if g is not None]
+    return torch.stack(norms).pow(2).sum().sqrt() if norms else torch.zeros((), dtype=torch.float64)
 
 
 def sum_grads(a: list[torch.Tensor | None], b: list[torch.Tensor | None], scale: float = 1.0) -> list:

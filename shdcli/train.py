@@ -489,8 +489,8 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
                 grads, scale = balance.backward_terms(terms, params, n_student, d.balance, fraction, accum)
                 if d.balance == "grad" and "shd" in terms:  # the total with the scale actually applied
                     setup.shd_grad_scale = shd_coef = scale
-                    value = sum(float(v) for k, v in terms.items() if k != "shd") + scale * float(parts["shd"])
-                    parts_sum["total"] += (value - float(total)) / accum
+                    value = sum(float(v.detach()) for k, v in terms.items() if k != "shd") + scale * float(parts["shd"])
+                    parts_sum["total"] += (value - float(total.detach())) / accum
                 for name, gs in grads.items():
                     part_grads[name] = balance.sum_grads(part_grads.get(name, [None] * n_student), gs[:n_student],
                                                          1.0 / accum)
