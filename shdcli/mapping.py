@@ -17,9 +17,7 @@ def _auto_teacher_layer(i: int, teacher_layers: int, student_layers: int) -> int
 
 
 def _subset_spec(spec) -> tuple[str, object] | None:
-    """{every: N} / {last: N} (a dict, or the recipe's EveryLayers / LastLayers) -> (form, N); None otherwise."""
-    if hasattr(spec, "model_dump"):
-        spec = spec.model_dump()
+    """{every: N} / {last: N} -> (form, N); None for the other forms."""
     if not isinstance(spec, dict):
         return None
     if len(spec) != 1 or next(iter(spec)) not in ("every", "last"):

@@ -89,17 +89,10 @@ class DataSpec(Section):
     val_batches: int = Field(8, ge=1)
 
 
-class EveryLayers(Section):
-    every: int = Field(ge=1, description="the last student layer and every N-th below it")
-
-
-class LastLayers(Section):
-    last: int = Field(ge=1, description="the last N student layers")
-
-
 class DistillSpec(Section):
-    # auto | last | [[student, teacher], ...] | {every: N} | {last: N} (mapping.layer_pairs)
-    layers: Literal["auto", "last"] | list[tuple[int, int]] | EveryLayers | LastLayers = "auto"
+    # auto | last | [[student, teacher], ...] | {every: N} (the last student layer and every N-th below it)
+    # | {last: N} (the last N student layers); see mapping.layer_pairs
+    layers: Literal["auto", "last"] | list[tuple[int, int]] | dict[str, int] = "auto"
     grouping: Literal["balanced", "pairs", "calibrated"] = "balanced"
     calibration_batches: int = Field(8, ge=1, description="training batches the teacher sees to calibrate grouping")
     alpha: Literal["lsq", "mean", "select"] = "lsq"
@@ -121,6 +114,19 @@ class DistillSpec(Section):
     shd_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"
     shd_warmup_steps: int = Field(0, ge=0, description="steps over which the SHD weight ramps up from 0")
     shd_decay_steps: int = Field(0, ge=0, description="steps of decay after the warmup; 0 = until train.max_steps")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layer_subset(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        if len(value) != 1 or next(iter(value)) not in ("every", "last"):
+            raise ValueError(f"{value!r} is not a layer selection; write {{every: N}} or {{last: N}} "
+                             "(or auto, last, or a list of [student, teacher] pairs)")
+        (form, n), = value.items()
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{form}: {n!r} must be a whole number >= 1")
+        return value
 
     @model_validator(mode="after")
     def _balance_needs_a_reference(self) -> DistillSpec:
