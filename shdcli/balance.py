@@ -82,18 +82,6 @@ def weighted_terms(parts: dict[str, torch.Tensor], weights: dict[str, float], fr
 
 
 # --------------------------------------------------------------------------- per-part gradients
-def part_gradients(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, list[torch.Tensor | None]]:
-    """d term / d params for each term, from the same graph (one backward per term, graph retained
-    until the last). None where a parameter does not influence a term (all None for a term without
-    a graph, e.g. SHD at schedule weight 0)."""
-    names = [k for k, v in terms.items() if v.requires_grad]
-    out: dict[str, list[torch.Tensor | None]] = {k: [None] * len(params) for k in terms}
-    for i, name in enumerate(names):
-        out[name] = list(torch.autograd.grad(terms[name], params, retain_graph=i < len(names) - 1,
-                                             allow_unused=True))
-    return out
-
-
 def global_norm(grads: list[torch.Tensor | None]) -> torch.Tensor:
     """L2 norm over a list of gradients (None counts as zero): per-tensor norms in their own dtype
     (at least float32), combined in float64."""
@@ -115,33 +103,52 @@ def sum_grads(a: list[torch.Tensor | None], b: list[torch.Tensor | None], scale:
     return out
 
 
+def _add_into(params: list[torch.Tensor], grads: list[torch.Tensor | None], factor: float) -> None:
+    for p, g in zip(params, grads):
+        if g is not None:
+            g = g * factor if factor != 1.0 else g
+            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+
+
 def backward_terms(terms: dict[str, torch.Tensor], params: list[torch.Tensor], n_student: int, mode: str,
-                   fraction: float, divide: int) -> tuple[dict[str, list[torch.Tensor | None]], float]:
+                   fraction: float, divide: int, keep: dict[str, list] | None = None
+                   ) -> tuple[dict[str, float], float]:
     """Backward each term separately and add their sum / divide into params' .grad.
 
     params: the trainable parameters (student first: the first n_student are what gradient norms
     are measured on; a projector's follow). mode grad: the shd gradient is multiplied by
     s = fraction * ||g_rest|| / ||g_shd|| (norms on the student; s = 0 when g_shd is 0), so its
-    norm is fraction * ||g_rest||. Returns the per-term gradients as added (shd already scaled),
-    and the scale applied to the raw shd term (1 in modes none/value: their scale is in the term)."""
-    grads = part_gradients(terms, params)
-    scale = 1.0
-    if mode == "grad" and "shd" in grads:
-        rest: list[torch.Tensor | None] = [None] * len(params)
-        for name in REST:
-            if name in grads:
-                rest = sum_grads(rest, grads[name])
-        rest_norm = float(global_norm(rest[:n_student]))
-        shd_norm = float(global_norm(grads["shd"][:n_student]))
-        scale = fraction * rest_norm / shd_norm if shd_norm > 0 else 0.0
-        grads["shd"] = [None if g is None else g * scale for g in grads["shd"]]
-    for gs in grads.values():
-        for p, g in zip(params, gs):
-            if g is None:
-                continue
-            g = g / divide if divide != 1 else g
-            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
-    return grads, scale
+    norm is fraction * ||g_rest||. Returns each term's gradient norm as added (shd scaled; before
+    the 1/divide) and the scale applied to the raw shd term (1 in modes none/value: their scale is in
+    the term). keep (grad accumulation): per-term running sums of the student gradients / divide, for
+    norms over the whole step. Memory: one term's gradient and the rest's sum at a time (plus keep).
+    """
+    names = [k for k, v in terms.items() if v.requires_grad]
+    norms = {k: 0.0 for k in terms}
+    rest: list[torch.Tensor | None] | None = None
+
+    def record(name: str, grads: list[torch.Tensor | None]) -> None:
+        norms[name] = float(global_norm(grads[:n_student]))
+        if keep is not None:
+            keep[name] = sum_grads(keep.get(name, [None] * n_student), grads[:n_student], 1.0 / divide)
+
+    for i, name in enumerate(sorted(names, key=lambda k: k == "shd")):  # the rest first, shd last
+        grads = list(torch.autograd.grad(terms[name], params, retain_graph=i < len(names) - 1, allow_unused=True))
+        if name == "shd":
+            scale = 1.0
+            if mode == "grad":
+                rest_norm = float(global_norm((rest or [None])[:n_student]))
+                shd_norm = float(global_norm(grads[:n_student]))
+                scale = fraction * rest_norm / shd_norm if shd_norm > 0 else 0.0
+            grads = [None if g is None else g * scale for g in grads] if scale != 1.0 else grads
+            record(name, grads)
+            _add_into(params, grads, 1.0 / divide)
+            return norms, scale
+        record(name, grads)
+        rest = grads if rest is None else sum_grads(rest, grads)
+        _add_into(params, grads, 1.0 / divide)
+        del grads
+    return norms, (0.0 if mode == "grad" and "shd" in terms else 1.0)
 
 
 def check_supported(mode: str, distributed_enabled: bool) -> None:
@@ -151,5 +158,5 @@ def check_supported(mode: str, distributed_enabled: bool) -> None:
                        "DDP/FSDP gradient sync); under torchrun use distill.balance=value")
 
 
-__all__ = ["schedule_factor", "shd_fraction", "value_scale", "weighted_terms", "part_gradients", "global_norm",
-           "backward_terms", "check_supported"]
+__all__ = ["schedule_factor", "shd_fraction", "value_scale", "weighted_terms", "global_norm", "backward_terms",
+           "check_supported"]

@@ -471,7 +471,8 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
     fraction = balance.shd_fraction(d, setup.step, setup.recipe.train.max_steps)
     optimizer.zero_grad(set_to_none=True)
     parts_sum: dict[str, float] = {}
-    part_grads: dict[str, list] = {}
+    part_grads: dict[str, list] = {}  # grad_accum > 1: per-part sums, for norms of the whole step
+    part_norms: dict[str, float] = {}
     weights, tokens = [], 0
     for micro in range(accum):
         batch = {k: v.to(setup.device) for k, v in stream.next().items()}
@@ -486,14 +487,14 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
                 parts_sum[name] = parts_sum.get(name, 0.0) + value / accum
             shd_coef = float(terms["shd"].detach() / parts["shd"]) if "shd" in parts and parts["shd"] > 0 else 0.0
             if per_part:
-                grads, scale = balance.backward_terms(terms, params, n_student, d.balance, fraction, accum)
+                norms, scale = balance.backward_terms(terms, params, n_student, d.balance, fraction, accum,
+                                                      part_grads if accum > 1 else None)
                 if d.balance == "grad" and "shd" in terms:  # the total with the scale actually applied
                     setup.shd_grad_scale = shd_coef = scale
                     value = sum(float(v.detach()) for k, v in terms.items() if k != "shd") + scale * float(parts["shd"])
                     parts_sum["total"] += (value - float(total.detach())) / accum
-                for name, gs in grads.items():
-                    part_grads[name] = balance.sum_grads(part_grads.get(name, [None] * n_student), gs[:n_student],
-                                                         1.0 / accum)
+                if accum == 1:
+                    part_norms = norms
             else:
                 (total / accum).backward()
             if d.balance != "none" or d.shd_schedule != "constant" or d.shd_warmup_steps:
@@ -501,8 +502,9 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
         weights.append(w)
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
     parts_sum, tokens = distributed.reduce_metrics(parts_sum, tokens, setup.device)
-    for name, gs in part_grads.items():  # of each weighted term's gradient, before clipping
-        parts_sum[f"grad_norm_{name}"] = float(balance.global_norm(gs))
+    part_norms.update({name: float(balance.global_norm(gs)) for name, gs in part_grads.items()})
+    for name, value in part_norms.items():  # of each weighted term's gradient, before clipping
+        parts_sum[f"grad_norm_{name}"] = value
     # max_norm=inf measures without clipping (the scale factor clamps to exactly 1).
     grad_norm = distributed.as_float(
         torch.nn.utils.clip_grad_norm_(setup.student.parameters(), clip if clip > 0 else math.inf)
@@ -562,6 +564,7 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
 
     t_train, train_s_before = time.perf_counter(), run.train_s
     max_steps = recipe.train.max_steps
+    norms: dict[str, float] = {}  # the progress line's last per-part gradient norms (gn_task, gn_logit, gn_shd)
     with checkpoint.StopOnSignal() as stop, _progress(console) as progress:
         task_id = progress.add_task("distill", total=max_steps, completed=run.step, losses="", speed="")
         while run.step < max_steps:
@@ -584,7 +587,10 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
             run.train_s = train_s_before + time.perf_counter() - t_train
             run.history.append({"step": run.step, **parts, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                 "time_s": run.train_s})
-            progress.update(task_id, advance=1, losses=_fmt_losses(parts),
+            if any(k.startswith("grad_norm_") for k in parts):  # keep the last measured part norms in view
+                norms = {"gn_" + k[len("grad_norm_"):]: v for k, v in parts.items() if k.startswith("grad_norm_")}
+            shown = {k: v for k, v in parts.items() if not k.startswith("grad_norm_")}
+            progress.update(task_id, advance=1, losses=_fmt_losses({**shown, **norms}),
                             speed=f"{run.tokens_seen / max(run.train_s, 1e-9):.0f} tok/s")
             if run.step % recipe.train.eval_every == 0 or run.step == max_steps:
                 run.validation.append({"step": run.step, **validate(setup)})

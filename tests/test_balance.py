@@ -83,11 +83,11 @@ def test_grad_balance_makes_the_shd_gradient_norm_the_fraction_of_the_rest(fract
     net.zero_grad(set_to_none=True)
     params = list(net.parameters())
     terms = balance.weighted_terms(parts_fn(), weights, fraction, "grad")  # one forward
-    grads, got_scale = balance.backward_terms(terms, params, len(params), "grad", fraction, 1)
+    norms, got_scale = balance.backward_terms(terms, params, len(params), "grad", fraction, 1)
     assert got_scale == pytest.approx(scale, rel=1e-10)
-    assert float(balance.global_norm(grads["shd"])) == pytest.approx(fraction * rest_norm, rel=1e-10)
-    assert float(balance.global_norm(grads["task"])) == pytest.approx(
-        math.sqrt(sum(float(g.pow(2).sum()) for g in g_task)), rel=1e-10)
+    assert norms["shd"] == pytest.approx(fraction * rest_norm, rel=1e-10)
+    assert norms["task"] == pytest.approx(math.sqrt(sum(float(g.pow(2).sum()) for g in g_task)), rel=1e-10)
+    assert norms["logit"] == pytest.approx(0.5 * math.sqrt(sum(float(g.pow(2).sum()) for g in g_logit)), rel=1e-10)
     for p, r, s in zip(params, rest, g_shd):
         torch.testing.assert_close(p.grad, r + scale * s)
 
@@ -99,11 +99,16 @@ def test_per_part_backward_without_balance_equals_one_backward_and_divides_for_a
     sum(balance.weighted_terms(parts_fn(), weights, 0.7, "none").values()).backward()
     plain = [p.grad.clone() for p in params]
     net.zero_grad(set_to_none=True)
+    keep: dict = {}
     for _ in range(2):  # two micro-steps of the same batch, each divided by 2
         balance.backward_terms(balance.weighted_terms(parts_fn(), weights, 0.7, "none"), params, len(params),
-                               "none", 0.7, 2)
+                               "none", 0.7, 2, keep)
     for p, g in zip(params, plain):
         torch.testing.assert_close(p.grad, g)
+    # the kept per-part sums add up to the step's gradient
+    total = balance.sum_grads(balance.sum_grads(keep["task"], keep["logit"]), keep["shd"])
+    for t, g in zip(total, plain):
+        torch.testing.assert_close(t, g)
 
 
 def test_balance_needs_a_reference_term_and_grad_needs_one_process():
@@ -180,3 +185,34 @@ def test_distill_run_logs_part_norms_every_n_steps_and_follows_the_schedule(tiny
     assert history[3]["grad_norm_shd"] == 0.0  # decayed to 0: no SHD gradient at all
     # shd_coef = distill.shd (1) x factor of step index 0..3: 1, 0.5, 0, 0
     assert [h["shd_coef"] for h in history] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+
+
+def test_part_norms_cover_the_whole_accumulated_step(tiny_models, tiny_text):
+    from rich.console import Console
+
+    from shdcli.data import BatchStream
+    from shdcli.recipe import validate_recipe
+    from shdcli.train import make_optimizer, make_scheduler, prepare, step_losses, train_step
+
+    recipe, _ = _setup(tiny_models, tiny_text)
+    data = recipe.resolved()
+    data["train"]["grad_accum"] = 2
+    recipe = validate_recipe(data)
+    setup = prepare(recipe, Console(quiet=True))
+    stream = BatchStream(setup.train_blocks, 4, recipe.train.seed)
+    batches = [stream.next(), stream.next()]
+    params = [p for p in setup.student.parameters() if p.requires_grad]
+    expected = {}
+    for name in ("task", "logit", "shd"):  # mean over the two micro-batches, one forward + backward each
+        setup.student.zero_grad(set_to_none=True)
+        for batch in batches:
+            terms: dict = {}
+            step_losses(setup, batch, terms)
+            (terms[name] / 2).backward()
+        expected[name] = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None))
+    setup.student.zero_grad(set_to_none=True)
+    opt = make_optimizer(setup.student, recipe)
+    stream = BatchStream(setup.train_blocks, 4, recipe.train.seed)
+    parts = train_step(setup, stream, opt, make_scheduler(opt, recipe))[0]
+    for name, value in expected.items():
+        assert parts[f"grad_norm_{name}"] == pytest.approx(value, rel=1e-4)
