@@ -290,9 +290,53 @@ def train_one(recipe_data: dict, loaded: tuple, cache: dict, eval_every: int, co
 
 
 # --------------------------------------------------------------------------- the benchmark
+class BoundedMemo(dict):
+    """The teacher memo (train.Setup.teacher_cache) with a size budget: batches are kept while the kept
+    tensors total under `budget` bytes (validation batches come first: they repeat most); beyond it
+    the newest entry alone is held, so train.teacher_forward's insert-then-read still works and the
+    teacher simply runs again next time. A causal teacher's logits are B x N x V floats per batch
+    (SmolLM2, 4 x 128: 100 MB), so an unbounded memo of a 300-step run would not fit in RAM."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__()
+        self.budget, self.used, self.last = budget, 0, None
+
+    @staticmethod
+    def nbytes(value) -> int:
+        out, records = value
+        size = sum(v.nbytes for v in out.values() if isinstance(v, torch.Tensor))
+        for rec in records.values():
+            size += sum(t.nbytes for t in (rec.query, rec.key, rec.value, rec.allowed) if t is not None)
+        return size
+
+    def __setitem__(self, key, value) -> None:
+        size = self.nbytes(value)
+        if self.used + size <= self.budget:
+            super().__setitem__(key, value)
+            self.used += size
+        else:
+            self.last = (key, value)
+
+    def __contains__(self, key) -> bool:
+        return super().__contains__(key) or (self.last is not None and self.last[0] == key)
+
+    def __getitem__(self, key):
+        if super().__contains__(key):
+            return super().__getitem__(key)
+        if self.last is not None and self.last[0] == key:
+            return self.last[1]
+        raise KeyError(key)
+
+    def clear(self) -> None:
+        super().clear()
+        self.used, self.last = 0, None
+
+
 def run(settings: dict, methods: list[str], seeds: list[int], steps: int | dict[str, int], eval_every: int,
-        console: Console, quiet: Console, partial: Path | None = None, second: bool = False) -> dict:
-    """steps: one count for every setting, or per setting. second: also evaluate on the fortunes."""
+        console: Console, quiet: Console, partial: Path | None = None, second: bool = False,
+        memo_bytes: int = 4 * 2**30) -> dict:
+    """steps: one count for every setting, or per setting. second: also evaluate on the fortunes.
+    memo_bytes: budget of the per-seed teacher memo (BoundedMemo)."""
     results: dict = {}
     loaded_by_teacher: dict[str, tuple] = {}
     all_steps = steps
@@ -312,7 +356,7 @@ def run(settings: dict, methods: list[str], seeds: list[int], steps: int | dict[
         teacher: dict[int, dict] = {}
         todo = [m for m in methods if m not in SKIP.get(name, set())]
         for seed in seeds:
-            cache: dict = {}  # teacher outputs for this seed's batches, shared by every method
+            cache = BoundedMemo(memo_bytes)  # teacher outputs for this seed's batches, shared by every method
             for method in todo:
                 overrides = [f"{k}={json.dumps(v)}" for k, v in METHODS[method][1].items()]
                 data = apply_overrides(json.loads(json.dumps(base)), [f"train.seed={seed}",
@@ -637,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
                     "invocations: merge them and write the report, training nothing")
     ap.add_argument("--no-baseline", action="store_true", help=f"do not add {BASELINE!r} (another process runs it)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared CPU)")
+    ap.add_argument("--memo-gb", type=float, default=4.0, help="RAM budget of each process's teacher memo (GB): "
+                    "batches beyond it run the teacher again")
     ap.add_argument("--jobs", type=int, default=1, help="run this many single-thread processes at once (methods "
                     "split between them; each memoises its own teacher outputs) and merge their results")
     ap.add_argument("--student", action="append", default=[], metavar="NAME=JSON",
@@ -719,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.devnull, "w") as devnull:
             quiet = Console(file=devnull)  # prepare() prints nothing we need per run
             results = run(settings, methods, seeds, steps, eval_every, console, quiet,
-                          Path(args.json).with_suffix(".partial.json"), second=args.study)
+                          Path(args.json).with_suffix(".partial.json"), second=args.study,
+                          memo_bytes=int(args.memo_gb * 2**30))
     wall = time.perf_counter() - t0
     write_json_atomic(Path(args.json), {"command": command, "machine": machine, "wall_s": wall, "seeds": seeds,
                                         "steps": steps, "results": results, "summary": summarise(results, seeds)})

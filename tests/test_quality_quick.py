@@ -171,3 +171,19 @@ def test_quick_study_runs_every_setting_and_method_in_two_processes(tmp_path):
     # one initialisation and one batch order per seed: every method starts from the same student
     step0 = {m: r["0"]["curve"][0]["val_perplexity"] for m, r in lm["runs"].items() if m != "projector"}
     assert max(step0.values()) == pytest.approx(min(step0.values()), rel=1e-6)
+
+
+def test_bounded_memo_keeps_batches_within_budget_and_serves_the_newest():
+    rec = LayerRecord(query=torch.zeros(1, 1, 2, 2), key=torch.zeros(1, 1, 2, 2), value=None, allowed=None,
+                      causal=False, scaling=1.0)
+    entry = ({"logits": torch.zeros(10)}, {0: rec})  # 40 + 2 * 16 bytes
+    memo = quality.BoundedMemo(150)
+    memo["a"] = entry
+    memo["b"] = entry
+    assert memo.used == 144 and "a" in memo and "b" in memo
+    memo["c"] = entry  # over budget: only held as the newest entry
+    assert "c" in memo and memo["c"] is entry and dict.__len__(memo) == 2
+    memo["d"] = entry
+    assert "c" not in memo and memo["d"] is entry and memo["a"] is entry
+    with pytest.raises(KeyError):
+        memo["c"]
