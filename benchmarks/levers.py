@@ -2,8 +2,8 @@
 
 Modes (each the same student, batches and recipe except the overrides below):
   plain      one backward of the summed loss (grad_norms_every = 0)
-  norms      per-part backward every step (grad_norms_every = 1): task, logit, shd norms
-  grad       distill.balance = grad (per-part backward every step, by design)
+  norms      per-part backward every step (grad_norms_every = 1): one backward each of task, logit, shd
+  grad       distill.balance = grad (every step: one backward of task + logit, one of shd)
   value      distill.balance = value (no extra backward: a detached scale)
   relations  distill.target = relations (MiniLMv2 Q-Q/K-K/V-V) instead of the squeeze
 Each mode runs against its own plain student, alternating step by step, so that load changes on the
@@ -72,13 +72,13 @@ def _runner(base: dict, mode: str, loaded: tuple, console: Console):
     return setup, BatchStream(setup.train_blocks, recipe.data.batch_size, 0), opt, train.make_scheduler(opt, recipe)
 
 
-def measure(base: dict, rounds: int, console: Console) -> dict[str, tuple[list[float], list[float]]]:
+def measure(base: dict, rounds: int, console: Console, modes: list[str]) -> dict[str, tuple[list[float], list[float]]]:
     """Per mode: (its step times, plain's step times), plain and the mode alternating step by step (two
     students in memory at a time: a 30-layer SmolLM2 student with AdamW states is ~2 GB)."""
     base = _merge(base, {"train": {"device": "cpu", "max_steps": rounds + 1, "warmup_steps": 0}})
     loaded = train.load_teacher(validate_recipe(base, "levers"))[:3]
     out = {}
-    for mode in [m for m in MODES if m != "plain"]:
+    for mode in modes:
         pair = {"plain": _runner(base, "plain", loaded, console), mode: _runner(base, mode, loaded, console)}
         times: dict[str, list[float]] = {m: [] for m in pair}
         for r in range(rounds + 1):  # round 0 warms up (and fills the teacher memo)
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", default="enc,lm")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--modes", default=",".join(m for m in MODES if m != "plain"), help="modes to pair with plain")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet = Console(file=devnull)
         for name in args.settings.split(","):
             title, base = SETTINGS[name]
-            times = measure(base, args.rounds, quiet)
+            times = measure(base, args.rounds, quiet, args.modes.split(","))
             rows = [[m, f"{statistics.median(t):.3f}", f"{statistics.median(p):.3f}",
                      f"{statistics.median(t) / statistics.median(p):.2f}"] for m, (t, p) in times.items()]
             out.append(f"{title} ({args.rounds} rounds, {args.threads} thread)\n\n"

@@ -580,7 +580,7 @@ def quick_study_settings(folder: Path) -> dict:
     llama = make_tiny("llama", folder / "llama", layers=3, heads=6, kv_heads=3, hidden=48)
     bert = make_tiny("bert", folder / "bert", layers=2, heads=6, hidden=48)
     text = write_text(folder / "train.txt")
-    return {
+    settings = {
         "enc_scratch": ("quick: tiny BERT (6 heads) -> random-init 2 layers x 2 heads, width 24",
                         _base(str(bert), 2, 2, 32, 4, 1, 0.0, 1e-3, str(text), hidden_size=24,
                               intermediate_size=48, init="random"), "similarity_pearson", True),
@@ -589,6 +589,9 @@ def quick_study_settings(folder: Path) -> dict:
         "lm_pruned": ("quick: tiny Llama (6 heads, 3 KV) -> all 3 layers, 3 heads, 3 KV",
                       _base(str(llama), 3, 3, 32, 4, 1, 1.0, 1e-3, str(text), kv_heads=3), "val_perplexity", False),
     }
+    for _, base, _, _ in settings.values():
+        base["train"]["grad_norms_every"] = 1  # exercise the per-part path in every run
+    return settings
 
 
 def apply_setting_overrides(settings: dict, students: list[str], overrides: list[str]) -> dict:

@@ -103,6 +103,16 @@ def sum_grads(a: list[torch.Tensor | None], b: list[torch.Tensor | None], scale:
     return out
 
 
+def merge_rest(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{"rest": sum of the non-shd terms, "shd": ...}: balance=grad needs only ||g_rest|| and g_shd, so on
+    steps that do not log per-part norms the rest is back-propagated once, not once per part."""
+    rest = [v for k, v in terms.items() if k != "shd"]
+    out = {"rest": sum(rest)} if rest else {}
+    if "shd" in terms:
+        out["shd"] = terms["shd"]
+    return out
+
+
 def _add_into(params: list[torch.Tensor], grads: list[torch.Tensor | None], factor: float) -> None:
     for p, g in zip(params, grads):
         if g is not None:
@@ -158,5 +168,5 @@ def check_supported(mode: str, distributed_enabled: bool) -> None:
                        "DDP/FSDP gradient sync); under torchrun use distill.balance=value")
 
 
-__all__ = ["schedule_factor", "shd_fraction", "value_scale", "weighted_terms", "global_norm", "backward_terms",
-           "check_supported"]
+__all__ = ["schedule_factor", "shd_fraction", "value_scale", "weighted_terms", "merge_rest", "global_norm",
+           "backward_terms", "check_supported"]

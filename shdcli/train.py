@@ -462,8 +462,8 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
     d, every = setup.recipe.distill, setup.recipe.train.grad_norms_every
     # Per-part backward (balance=grad always, norms every grad_norms_every-th step; one process only: it
     # assembles .grad by hand, which DDP/FSDP's sync hooks would not see).
-    per_part = not distributed.env_info().enabled and (
-        d.balance == "grad" or (every > 0 and (setup.step + 1) % every == 0))
+    measure = not distributed.env_info().enabled and every > 0 and (setup.step + 1) % every == 0
+    per_part = measure or (d.balance == "grad" and not distributed.env_info().enabled)
     params = [p for p in setup.student.parameters() if p.requires_grad]
     n_student = len(params)
     if setup.projector is not None:
@@ -487,13 +487,14 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
                 parts_sum[name] = parts_sum.get(name, 0.0) + value / accum
             shd_coef = float(terms["shd"].detach() / parts["shd"]) if "shd" in parts and parts["shd"] > 0 else 0.0
             if per_part:
-                norms, scale = balance.backward_terms(terms, params, n_student, d.balance, fraction, accum,
-                                                      part_grads if accum > 1 else None)
+                norms, scale = balance.backward_terms(terms if measure else balance.merge_rest(terms), params,
+                                                      n_student, d.balance, fraction, accum,
+                                                      part_grads if accum > 1 and measure else None)
                 if d.balance == "grad" and "shd" in terms:  # the total with the scale actually applied
                     setup.shd_grad_scale = shd_coef = scale
                     value = sum(float(v.detach()) for k, v in terms.items() if k != "shd") + scale * float(parts["shd"])
                     parts_sum["total"] += (value - float(total.detach())) / accum
-                if accum == 1:
+                if accum == 1 and measure:
                     part_norms = norms
             else:
                 (total / accum).backward()

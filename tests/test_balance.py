@@ -136,11 +136,13 @@ def _setup(tiny_models, tiny_text, **distill):
     return recipe, prepare(recipe, Console(quiet=True))
 
 
-def test_train_step_grad_balance_against_per_part_forwards(tiny_models, tiny_text):
+@pytest.mark.parametrize("every", [1, 0])  # 0: the rest in one backward, no part norms logged
+def test_train_step_grad_balance_against_per_part_forwards(tiny_models, tiny_text, every):
     from shdcli.data import BatchStream
     from shdcli.train import make_optimizer, make_scheduler, step_losses, train_step
 
     recipe, setup = _setup(tiny_models, tiny_text, balance="grad", shd=0.2)
+    setup.recipe.train.grad_norms_every = every
     batch = BatchStream(setup.train_blocks, 4, recipe.train.seed).next()
     params = [p for p in setup.student.parameters() if p.requires_grad]
 
@@ -158,11 +160,14 @@ def test_train_step_grad_balance_against_per_part_forwards(tiny_models, tiny_tex
     opt = make_optimizer(setup.student, recipe)
     parts, grad_norm, _, _ = train_step(setup, BatchStream(setup.train_blocks, 4, recipe.train.seed), opt,
                                         make_scheduler(opt, recipe))
-    assert parts["grad_norm_shd"] == pytest.approx(0.2 * norm(rest), rel=1e-4)
     assert parts["shd_coef"] == pytest.approx(scale, rel=1e-4)
     assert grad_norm == pytest.approx(norm([r + scale * s for r, s in zip(rest, shd)]), rel=1e-4)
-    for name in ("task", "logit"):
-        assert math.isfinite(parts[f"grad_norm_{name}"]) and parts[f"grad_norm_{name}"] > 0
+    if every == 0:
+        assert not any(k.startswith("grad_norm_") for k in parts)
+    else:
+        assert parts["grad_norm_shd"] == pytest.approx(0.2 * norm(rest), rel=1e-4)
+        for name in ("task", "logit"):
+            assert math.isfinite(parts[f"grad_norm_{name}"]) and parts[f"grad_norm_{name}"] > 0
     assert parts["total"] == pytest.approx(parts["task"] + parts["logit"] + scale * parts["shd"], rel=1e-5)
 
 
