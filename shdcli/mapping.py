@@ -12,11 +12,27 @@ from shdcli.models import ModelShape
 from shdcli.shd import group_heads
 
 
-def layer_pairs(teacher_layers: int, student_layers: int, spec: str | list) -> list[tuple[int, int]]:
+def _auto_teacher_layer(i: int, teacher_layers: int, student_layers: int) -> int:
+    return math.ceil((i + 1) * teacher_layers / student_layers) - 1
+
+
+def _subset_spec(spec) -> tuple[str, object] | None:
+    """{every: N} / {last: N} -> (form, N); None for the other forms."""
+    if not isinstance(spec, dict):
+        return None
+    if len(spec) != 1 or next(iter(spec)) not in ("every", "last"):
+        raise ShdError(f"distill.layers: {spec!r} is not a layer selection; write {{every: N}} or {{last: N}} "
+                       "(or auto, last, or a list of [student, teacher] pairs)")
+    return next(iter(spec.items()))
+
+
+def layer_pairs(teacher_layers: int, student_layers: int, spec) -> list[tuple[int, int]]:
     """(student layer, teacher layer) pairs.
 
     auto: student layer i of Ls learns from teacher layer ceil((i + 1) * Lt / Ls) - 1 (uniform,
           last layers aligned). last: only the final layers. A list: explicit [[s, t], ...].
+    {every: N}: student layers Ls-1, Ls-1-N, Ls-1-2N, ... (the last layer and every N-th below it);
+    {last: N}: the last N student layers; both map each chosen layer by the auto rule.
     """
     if student_layers > teacher_layers:
         raise ShdError(
@@ -24,9 +40,20 @@ def layer_pairs(teacher_layers: int, student_layers: int, spec: str | list) -> l
             "give the student at most as many layers"
         )
     if spec == "auto":
-        return [(i, math.ceil((i + 1) * teacher_layers / student_layers) - 1) for i in range(student_layers)]
+        return [(i, _auto_teacher_layer(i, teacher_layers, student_layers)) for i in range(student_layers)]
     if spec == "last":
         return [(student_layers - 1, teacher_layers - 1)]
+    subset = _subset_spec(spec)
+    if subset is not None:
+        form, n = subset
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ShdError(f"distill.layers: {form}: {n!r} must be a whole number >= 1")
+        if form == "last" and n > student_layers:
+            raise ShdError(f"distill.layers: last: {n} is more than the student's {student_layers} layers; "
+                           f"choose 1..{student_layers}")
+        chosen = range(student_layers - n, student_layers) if form == "last" else range(
+            (student_layers - 1) % n, student_layers, n)
+        return [(i, _auto_teacher_layer(i, teacher_layers, student_layers)) for i in chosen]
     pairs = []
     for item in spec:
         s, t = int(item[0]), int(item[1])

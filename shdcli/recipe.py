@@ -98,14 +98,19 @@ class DataSpec(Section):
 
 
 class DistillSpec(Section):
-    layers: Literal["auto", "last"] | list[tuple[int, int]] = "auto"
+    # auto | last | [[student, teacher], ...] | {every: N} (the last student layer and every N-th below it)
+    # | {last: N} (the last N student layers); see mapping.layer_pairs
+    layers: Literal["auto", "last"] | list[tuple[int, int]] | dict[str, int] = "auto"
     grouping: Literal["balanced", "pairs", "calibrated"] = "balanced"
     calibration_batches: int = Field(8, ge=1, description="training batches the teacher sees to calibrate grouping "
                                      "and to measure pruning importance")
     alpha: Literal["lsq", "mean", "select"] = "lsq"
     attn_loss: Literal["kl", "mse", "cosine"] = "kl"
     # squeeze: SHD. projector / score_mean: the baselines of benchmarks/quality.py (see shdcli/baselines.py).
-    target: Literal["squeeze", "projector", "score_mean"] = "squeeze"
+    # relations: MiniLMv2 Q-Q/K-K/V-V self-attention relations (shdcli/relations.py).
+    target: Literal["squeeze", "projector", "score_mean", "relations"] = "squeeze"
+    relation_heads: int = Field(0, ge=0, description="relation heads of target=relations; 0 = the gcd of the "
+                                "teacher's and student's query and KV head counts")
     temperature: float = Field(1.0, gt=0.0)
     logit_temperature: float = Field(2.0, gt=0.0)
     task: float = Field(1.0, ge=0.0)
@@ -119,6 +124,31 @@ class DistillSpec(Section):
     logit_impl: Literal["fused", "naive"] = Field(
         "fused", description="causal LMs: fused (LM head + CE + KD in token chunks, no [B, N, V] logits) | naive")
     chunk_memory_mb: int = Field(64, ge=1, description="MiB of working memory per chunk: lean SHD and fused logits")
+    # shdcli/balance.py: with value|grad, `shd` is the SHD term's fraction of the task + logit term.
+    balance: Literal["none", "value", "grad"] = "none"
+    shd_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"
+    shd_warmup_steps: int = Field(0, ge=0, description="steps over which the SHD weight ramps up from 0")
+    shd_decay_steps: int = Field(0, ge=0, description="steps of decay after the warmup; 0 = until train.max_steps")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layer_subset(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        if len(value) != 1 or next(iter(value)) not in ("every", "last"):
+            raise ValueError(f"{value!r} is not a layer selection; write {{every: N}} or {{last: N}} "
+                             "(or auto, last, or a list of [student, teacher] pairs)")
+        (form, n), = value.items()
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{form}: {n!r} must be a whole number >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _balance_needs_a_reference(self) -> DistillSpec:
+        if self.balance != "none" and self.task == 0 and self.logit == 0:
+            raise ValueError(f"balance={self.balance} scales SHD to a fraction of the task + logit term, which "
+                             "has weight 0 here; give distill.task or distill.logit a weight, or set balance=none")
+        return self
 
 
 class TrainSpec(Section):
@@ -131,6 +161,8 @@ class TrainSpec(Section):
     seed: int = 0
     eval_every: int = Field(25, ge=1)
     log_every: int = Field(1, ge=1)
+    grad_norms_every: int = Field(10, ge=0, description="steps between measurements of the per-part gradient norms "
+                                  "(task, logit, shd; costs one extra backward per part); 0 = never")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from shdcli import capture, checkpoint, checks, distributed, fused_logits
+from shdcli import balance, capture, checkpoint, checks, distributed, fused_logits
 from shdcli.data import BatchStream, TokenBlocks, eval_batches, load_blocks
 from shdcli.errors import ShdError
 from shdcli.evaluate import ood_heldout
@@ -36,6 +36,7 @@ from shdcli.models import (
     save_model_folder,
 )
 from shdcli.recipe import Recipe
+from shdcli.relations import relation_loss
 from shdcli.report import render_report, write_json_atomic, write_text_atomic
 from shdcli.shd import group_feature_bases
 from shdcli.st_modules import sentence_transformers_files
@@ -73,12 +74,15 @@ class Setup:
     derivation: Derivation | None = None  # what a derived student kept of its teacher (student.py)
     # Optional memo of teacher forwards keyed by batch content (benchmarks reuse one teacher pass across runs).
     teacher_cache: dict | None = None
+    step: int = 0  # index of the optimizer step being taken (0-based): the SHD schedule reads it
+    shd_grad_scale: float | None = None  # balance=grad: the last scale of the SHD gradient (balance.py)
     teacher_recorder: capture.AttentionRecorder = field(init=False)
     student_recorder: capture.AttentionRecorder = field(init=False)
 
     def __post_init__(self) -> None:
         self.teacher_recorder = capture.AttentionRecorder({t for _, t in self.plan.pairs}, keep_values=True)
-        self.student_recorder = capture.AttentionRecorder({s for s, _ in self.plan.pairs})
+        relations = self.recipe.distill.target == "relations"  # MiniLMv2 relations need the student's values
+        self.student_recorder = capture.AttentionRecorder({s for s, _ in self.plan.pairs}, keep_values=relations)
 
 
 def seed_everything(seed: int) -> None:
@@ -198,6 +202,7 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     if device.type == "cpu":  # a resumed run must end bit-identical to an uninterrupted one
         torch.use_deterministic_algorithms(True, warn_only=True)
     amp_dtype = torch.bfloat16 if recipe.train.dtype == "bfloat16" else None
+    balance.check_supported(recipe.distill.balance, distributed.env_info().enabled)
 
     teacher, tokenizer, task = loaded if loaded is not None else load_teacher(recipe)[:3]
     t_shape = model_shape(teacher.config)
@@ -319,9 +324,12 @@ def _teacher_pass(setup: Setup, batch: dict[str, torch.Tensor]):
     return out, records
 
 
-def step_losses(setup: Setup, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
-    """Total loss (with grad), its parts (detached) and the squeeze weights for one batch."""
+def step_losses(setup: Setup, batch: dict[str, torch.Tensor],
+                terms_out: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+    """Total loss (with grad), its parts (detached) and the squeeze weights for one batch.
+    terms_out, if given, receives the weighted terms with grad (balance.weighted_terms) for train_step."""
     d = setup.recipe.distill
+    fraction = balance.shd_fraction(d, setup.step, setup.recipe.train.max_steps)
     mask = batch.get("attention_mask")  # None for images: no padding, every row (CLS included) counts
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     fused = setup.task == CAUSAL_LM and d.logit_impl == "fused"  # both heads skipped: final hidden states instead
@@ -359,21 +367,31 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
                 + ("; set train.compile=false" if setup.recipe.train.compile else
                    "; the model must route attention through transformers' AttentionInterface")
             )
-    if d.shd > 0 and d.target != "squeeze":
-        from shdcli.baselines import attention_target_loss
+    # A schedule at 0: the term is still measured, without a graph (nothing to back-propagate).
+    with torch.no_grad() if fraction == 0 else nullcontext():
+        if d.shd > 0 and d.target == "relations":
+            parts["shd"] = relation_loss(t_records, s_records, setup.plan.pairs, None if mask is None else mask.bool(),
+                                         d.relation_heads, d.chunk_rows)
+        elif d.shd > 0 and d.target != "squeeze":
+            from shdcli.baselines import attention_target_loss
 
-        parts["shd"] = attention_target_loss(setup, t_records, s_records, mask.bool())
-    elif d.shd > 0:
-        result = shd_loss(
-            t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases,
-            None if mask is None else mask.bool(),
-            alpha=d.alpha, kind=d.attn_loss, tau=d.temperature, impl=d.impl, chunk_rows=d.chunk_rows,
-            budget_bytes=d.chunk_memory_mb * 2**20,
-        )
-        parts["shd"] = result.loss
-        weights = result.weights
-    coef = {"task": d.task, "logit": d.logit, "shd": d.shd}
-    total = sum(coef[k] * v for k, v in parts.items())
+            parts["shd"] = attention_target_loss(setup, t_records, s_records, mask.bool())
+        elif d.shd > 0:
+            result = shd_loss(
+                t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases,
+                None if mask is None else mask.bool(),
+                alpha=d.alpha, kind=d.attn_loss, tau=d.temperature, impl=d.impl, chunk_rows=d.chunk_rows,
+                budget_bytes=d.chunk_memory_mb * 2**20,
+            )
+            parts["shd"] = result.loss
+            weights = result.weights
+    terms = balance.weighted_terms(parts, {"task": d.task, "logit": d.logit}, fraction, d.balance)
+    shown = dict(terms)
+    if d.balance == "grad" and "shd" in terms:  # its real scale is set in backward; value: the last one
+        shown["shd"] = terms["shd"] * (fraction if setup.shd_grad_scale is None else setup.shd_grad_scale)
+    if terms_out is not None:
+        terms_out.update(terms)
+    total = sum(shown.values())
     return total, {k: v.detach() for k, v in parts.items()}, weights
 
 
@@ -503,23 +521,56 @@ class NonFinite(Exception):
 def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple[dict, float, list, int]:
     """One optimizer step over grad_accum micro-batches -> (mean loss parts, grad norm, squeeze weights, tokens)."""
     accum, clip = setup.recipe.train.grad_accum, setup.recipe.train.grad_clip
+    d, every = setup.recipe.distill, setup.recipe.train.grad_norms_every
+    # Per-part backward (balance=grad always, norms every grad_norms_every-th step; one process only: it
+    # assembles .grad by hand, which DDP/FSDP's sync hooks would not see).
+    measure = not distributed.env_info().enabled and every > 0 and (setup.step + 1) % every == 0
+    per_part = measure or (d.balance == "grad" and not distributed.env_info().enabled)
+    params = [p for p in setup.student.parameters() if p.requires_grad]
+    n_student = len(params)
+    if setup.projector is not None:
+        params += list(setup.projector.parameters())
+    fraction = balance.shd_fraction(d, setup.step, setup.recipe.train.max_steps)
     optimizer.zero_grad(set_to_none=True)
     parts_sum: dict[str, float] = {}
+    part_grads: dict[str, list] = {}  # grad_accum > 1: per-part sums, for norms of the whole step
+    part_norms: dict[str, float] = {}
     weights, tokens = [], 0
     for micro in range(accum):
         batch = {k: v.to(setup.device) for k, v in stream.next().items()}
         # forward and backward inside: DDP/FSDP skip the gradient all-reduce until the last micro-step
         with distributed.grad_sync(setup.student, micro == accum - 1):
-            total, parts, w = step_losses(setup, batch)
+            terms: dict[str, torch.Tensor] = {}
+            total, parts, w = step_losses(setup, batch, terms)
             for name, value in {**parts, "total": total.detach()}.items():
                 value = float(value)
                 if not math.isfinite(value):
                     raise NonFinite(name, value)
                 parts_sum[name] = parts_sum.get(name, 0.0) + value / accum
-            (total / accum).backward()
+            shd_coef = float(terms["shd"].detach() / parts["shd"]) if "shd" in parts and parts["shd"] > 0 else 0.0
+            if per_part:
+                # The fused logit loss holds one gradient for task + logit KD together: back-propagate them as
+                # one term there (its norm is logged as grad_norm_rest).
+                split = measure and not (setup.task == CAUSAL_LM and d.logit_impl == "fused")
+                norms, scale = balance.backward_terms(terms if split else balance.merge_rest(terms), params,
+                                                      n_student, d.balance, fraction, accum,
+                                                      part_grads if accum > 1 and measure else None)
+                if d.balance == "grad" and "shd" in terms:  # the total with the scale actually applied
+                    setup.shd_grad_scale = shd_coef = scale
+                    value = sum(float(v.detach()) for k, v in terms.items() if k != "shd") + scale * float(parts["shd"])
+                    parts_sum["total"] += (value - float(total.detach())) / accum
+                if accum == 1 and measure:
+                    part_norms = norms
+            else:
+                (total / accum).backward()
+            if d.balance != "none" or d.shd_schedule != "constant" or d.shd_warmup_steps:
+                parts_sum["shd_coef"] = parts_sum.get("shd_coef", 0.0) + shd_coef / accum
         weights.append(w)
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
     parts_sum, tokens = distributed.reduce_metrics(parts_sum, tokens, setup.device)
+    part_norms.update({name: float(balance.global_norm(gs)) for name, gs in part_grads.items()})
+    for name, value in part_norms.items():  # of each weighted term's gradient, before clipping
+        parts_sum[f"grad_norm_{name}"] = value
     # max_norm=inf measures without clipping (the scale factor clamps to exactly 1).
     grad_norm = distributed.as_float(
         torch.nn.utils.clip_grad_norm_(setup.student.parameters(), clip if clip > 0 else math.inf)
@@ -587,10 +638,12 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
 
     t_train, train_s_before = time.perf_counter(), run.train_s
     max_steps = recipe.train.max_steps
+    norms: dict[str, float] = {}  # the progress line's last per-part gradient norms (gn_task, gn_logit, gn_shd)
     with checkpoint.StopOnSignal() as stop, _progress(console) as progress:
         task_id = progress.add_task("distill", total=max_steps, completed=run.step, losses="", speed="")
         while run.step < max_steps:
             before = checkpoint.position(stream)  # the state to save if this step goes bad
+            setup.step = run.step
             try:
                 parts, grad_norm, weights, tokens = train_step(setup, stream, optimizer, scheduler)
             except NonFinite as bad:
@@ -608,7 +661,10 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
             run.train_s = train_s_before + time.perf_counter() - t_train
             run.history.append({"step": run.step, **parts, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                 "time_s": run.train_s})
-            progress.update(task_id, advance=1, losses=_fmt_losses(parts),
+            if any(k.startswith("grad_norm_") for k in parts):  # keep the last measured part norms in view
+                norms = {"gn_" + k[len("grad_norm_"):]: v for k, v in parts.items() if k.startswith("grad_norm_")}
+            shown = {k: v for k, v in parts.items() if not k.startswith("grad_norm_")}
+            progress.update(task_id, advance=1, losses=_fmt_losses({**shown, **norms}),
                             speed=f"{run.tokens_seen / max(run.train_s, 1e-9):.0f} tok/s")
             if run.step % recipe.train.eval_every == 0 or run.step == max_steps:
                 run.validation.append({"step": run.step, **validate(setup)})

@@ -198,3 +198,42 @@ def test_plan_table_renders():
 
 def test_format_groups():
     assert format_groups([[0, 1], [2]]) == "{0,1} {2}"
+
+
+# --------------------------------------------------------------------------- {every: N} / {last: N}
+@pytest.mark.parametrize("spec,expected", [
+    ({"last": 1}, [(5, 5)]),
+    ({"last": 3}, [(3, 3), (4, 4), (5, 5)]),
+    ({"every": 1}, [(i, i) for i in range(6)]),
+    ({"every": 2}, [(1, 1), (3, 3), (5, 5)]),
+    ({"every": 4}, [(1, 1), (5, 5)]),
+    ({"every": 9}, [(5, 5)]),
+])
+def test_layer_subsets_of_a_same_depth_student(spec, expected):
+    assert layer_pairs(6, 6, spec) == expected
+
+
+def test_layer_subsets_use_the_auto_rule_for_the_teacher_layer():
+    auto = dict(layer_pairs(30, 6, "auto"))
+    assert layer_pairs(30, 6, {"last": 2}) == [(4, auto[4]), (5, 29)]
+    assert layer_pairs(30, 6, {"every": 3}) == [(2, auto[2]), (5, 29)]
+
+
+def test_layer_subsets_from_a_recipe_and_their_errors():
+    from shdcli.recipe import validate_recipe
+
+    base = {"teacher": "t", "student": {"path": "s"}, "data": {"path": "d.txt"}}
+    recipe = validate_recipe({**base, "distill": {"layers": {"every": 2}}})
+    assert layer_pairs(4, 4, recipe.distill.layers) == [(1, 1), (3, 3)]
+    assert validate_recipe({**base, "distill": {"layers": "last"}}).distill.layers == "last"
+    assert validate_recipe({**base, "distill": {"layers": [[0, 1]]}}).distill.layers == [(0, 1)]
+    with pytest.raises(ShdError, match="distill.layers"):
+        validate_recipe({**base, "distill": {"layers": {"every": 0}}})
+    with pytest.raises(ShdError, match="distill.layers"):
+        validate_recipe({**base, "distill": {"layers": {"first": 2}}})
+    with pytest.raises(ShdError, match=r"distill.layers: last: 5 is more than the student's 4 layers; choose 1..4"):
+        layer_pairs(6, 4, {"last": 5})
+    with pytest.raises(ShdError, match=r"distill.layers: every: 0 must be a whole number >= 1"):
+        layer_pairs(6, 4, {"every": 0})
+    with pytest.raises(ShdError, match=r"not a layer selection; write \{every: N\} or \{last: N\}"):
+        layer_pairs(6, 4, {"every": 2, "last": 1})

@@ -90,12 +90,12 @@ def test_quick_benchmark_writes_table_plot_and_json(tmp_path):
     text = doc.read_text()
     assert "## Other section\n\nkept" in text and "## Quality (issue 4) (quick)" in text
     assert quality.BEGIN in text and quality.END in text
-    for label, _ in quality.METHODS.values():
-        assert f"| {label} |" in text  # every method has a row (in the LM table at least)
+    for method in quality.ISSUE4_METHODS:
+        assert f"| {quality.METHODS[method][0]} |" in text  # every method has a row (in the LM table at least)
     assert png.stat().st_size > 10_000
     data = json.loads(out_json.read_text())
     lm = data["summary"]["lm"]
-    assert set(lm) == set(quality.METHODS)
+    assert set(lm) == set(quality.ISSUE4_METHODS)
     for method, row in lm.items():
         assert math.isfinite(row["val_perplexity"][0]) and math.isfinite(row["fidelity_kl"][0])
         assert ("delta" in row) == (method != quality.BASELINE)
@@ -141,3 +141,49 @@ def test_distill_with_projector_target_has_projector_grads_and_saves_plain_stude
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in setup.projector.parameters())
     optimizer.step()
     assert not any(torch.equal(a, b) for a, b in zip(before, setup.projector.parameters()))
+
+
+def test_quick_study_runs_every_setting_and_method_in_two_processes(tmp_path):
+    """--study --quick --jobs 2: the three issue-13 settings on tiny models, every study method, one seed,
+    split over two single-thread processes and merged; the second corpus and time per step are reported."""
+    doc, out_json = tmp_path / "BENCHMARKS.md", tmp_path / "q13.json"
+    student = '{"from_teacher": {"layers": 2, "heads": 3, "kv_heads": 3, "init": "teacher"}}'
+    assert quality.main(["--study", "--quick", "--jobs", "2", "--doc", str(doc), "--plot", "", "--json",
+                         str(out_json), "--student", f"lm_pruned={student}",
+                         "--override", "enc_pruned:train.lr=0.002"]) == 0
+    text = doc.read_text()
+    assert "## Quality levers (issue 13) (quick)" in text and "fortunes" in text
+    data = json.loads(out_json.read_text())
+    assert set(data["results"]) == set(quality.STUDY_SETTINGS)
+    for name, rows in data["summary"].items():
+        expected = set(quality.STUDY_METHODS) - quality.SKIP.get(name, set())
+        assert set(rows) == expected
+        metric = data["results"][name]["metric"]
+        second = quality.SECOND_METRIC[metric]
+        for row in rows.values():
+            assert math.isfinite(row[metric][0]) and math.isfinite(row["fidelity_kl"][0])
+            assert math.isfinite(row[second][0]) and row["s_per_step"][0] > 0
+    lm = data["results"]["lm_pruned"]
+    assert lm["recipe"]["student"]["from_teacher"]["layers"] == 2  # --student replaced the spec
+    assert data["results"]["enc_pruned"]["recipe"]["train"]["lr"] == 0.002  # --override set one key
+    assert lm["teacher_second"]["fortunes_perplexity"] > 1
+    assert lm["runs"]["shd_bal_grad"]["0"]["grad_norms"]  # balance=grad measures every step
+    # one initialisation and one batch order per seed: every method starts from the same student
+    step0 = {m: r["0"]["curve"][0]["val_perplexity"] for m, r in lm["runs"].items() if m != "projector"}
+    assert max(step0.values()) == pytest.approx(min(step0.values()), rel=1e-6)
+
+
+def test_bounded_memo_keeps_batches_within_budget_and_serves_the_newest():
+    rec = LayerRecord(query=torch.zeros(1, 1, 2, 2), key=torch.zeros(1, 1, 2, 2), value=None, allowed=None,
+                      causal=False, scaling=1.0)
+    entry = ({"logits": torch.zeros(10)}, {0: rec})  # 40 + 2 * 16 bytes
+    memo = quality.BoundedMemo(150)
+    memo["a"] = entry
+    memo["b"] = entry
+    assert memo.used == 144 and "a" in memo and "b" in memo
+    memo["c"] = entry  # over budget: only held as the newest entry
+    assert "c" in memo and memo["c"] is entry and dict.__len__(memo) == 2
+    memo["d"] = entry
+    assert "c" not in memo and memo["d"] is entry and memo["a"] is entry
+    with pytest.raises(KeyError):
+        memo["c"]

@@ -1,0 +1,223 @@
+"""SHD weight schedule, loss balancing (value / grad) and per-part gradient norms (shdcli/balance.py),
+against slow references that run one forward and one backward per part."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from shdcli import balance
+from shdcli.errors import ShdError
+
+
+# --------------------------------------------------------------------------- schedule
+@pytest.mark.parametrize("schedule,warmup,decay,max_steps,expected", [
+    ("constant", 0, 0, 10, [1.0] * 10),
+    ("constant", 4, 0, 8, [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("linear_decay", 0, 4, 7, [1.0, 0.75, 0.5, 0.25, 0.0, 0.0, 0.0]),
+    ("linear_decay", 2, 0, 6, [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),  # decays over max_steps - warmup = 4
+    ("cosine_decay", 0, 4, 6, [1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2,
+                               0.0, 0.0]),
+    ("cosine_decay", 1, 2, 4, [1.0, 1.0, 0.5, 0.0]),
+])
+def test_schedule_factor_table(schedule, warmup, decay, max_steps, expected):
+    got = [balance.schedule_factor(s, schedule, warmup, decay, max_steps) for s in range(max_steps)]
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+# --------------------------------------------------------------------------- a small model with three parts
+def _model_and_parts(seed: int = 0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.randn(5, 3, dtype=torch.float64)
+
+    def parts():
+        hidden = net[1](net[0](x))
+        out = net[2](hidden)
+        return {"task": (out - y).pow(2).mean(), "logit": out.exp().mean(),
+                "shd": (hidden - 0.3).pow(2).mean()}  # like SHD: depends on the early layer only
+    return net, parts
+
+
+def _slow_grads(net, parts_fn, name):
+    """One fresh forward and backward for one part (the reference shares nothing with balance.py)."""
+    net.zero_grad(set_to_none=True)
+    parts_fn()[name].backward()
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
+
+
+def test_value_balance_scales_the_value_to_the_fraction_and_keeps_the_gradient_direction():
+    net, parts_fn = _model_and_parts()
+    parts = parts_fn()
+    weights = {"task": 1.0, "logit": 0.5}
+    terms = balance.weighted_terms(parts, weights, 0.3, "value")
+    rest = float((parts["task"] + 0.5 * parts["logit"]).detach())
+    assert float(terms["shd"].detach()) == pytest.approx(0.3 * rest, rel=1e-12)
+    # the scale is detached: d term / d params = (0.3 rest / shd) * d shd / d params
+    g_term = torch.autograd.grad(terms["shd"], list(net.parameters()), retain_graph=True, allow_unused=True)
+    g_shd = torch.autograd.grad(parts["shd"], list(net.parameters()), allow_unused=True)
+    c = 0.3 * rest / float(parts["shd"].detach())
+    for a, b in zip(g_term, g_shd):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, c * b)
+    none = balance.weighted_terms(parts_fn(), weights, 0.3, "none")
+    assert float(none["shd"].detach()) == pytest.approx(0.3 * float(parts["shd"].detach()))
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.5, 2.0])
+def test_grad_balance_makes_the_shd_gradient_norm_the_fraction_of_the_rest(fraction):
+    net, parts_fn = _model_and_parts()
+    weights = {"task": 1.0, "logit": 0.5}
+    g_task, g_logit, g_shd = (_slow_grads(net, parts_fn, k) for k in ("task", "logit", "shd"))
+    rest = [a + 0.5 * b for a, b in zip(g_task, g_logit)]
+    rest_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in rest))
+    shd_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in g_shd))
+    scale = fraction * rest_norm / shd_norm
+
+    net.zero_grad(set_to_none=True)
+    params = list(net.parameters())
+    terms = balance.weighted_terms(parts_fn(), weights, fraction, "grad")  # one forward
+    norms, got_scale = balance.backward_terms(terms, params, len(params), "grad", fraction, 1)
+    assert got_scale == pytest.approx(scale, rel=1e-10)
+    assert norms["shd"] == pytest.approx(fraction * rest_norm, rel=1e-10)
+    assert norms["task"] == pytest.approx(math.sqrt(sum(float(g.pow(2).sum()) for g in g_task)), rel=1e-10)
+    assert norms["logit"] == pytest.approx(0.5 * math.sqrt(sum(float(g.pow(2).sum()) for g in g_logit)), rel=1e-10)
+    for p, r, s in zip(params, rest, g_shd):
+        torch.testing.assert_close(p.grad, r + scale * s)
+
+
+def test_per_part_backward_without_balance_equals_one_backward_and_divides_for_accumulation():
+    net, parts_fn = _model_and_parts()
+    params = list(net.parameters())
+    weights = {"task": 1.0, "logit": 0.5}
+    sum(balance.weighted_terms(parts_fn(), weights, 0.7, "none").values()).backward()
+    plain = [p.grad.clone() for p in params]
+    net.zero_grad(set_to_none=True)
+    keep: dict = {}
+    for _ in range(2):  # two micro-steps of the same batch, each divided by 2
+        balance.backward_terms(balance.weighted_terms(parts_fn(), weights, 0.7, "none"), params, len(params),
+                               "none", 0.7, 2, keep)
+    for p, g in zip(params, plain):
+        torch.testing.assert_close(p.grad, g)
+    # the kept per-part sums add up to the step's gradient
+    total = balance.sum_grads(balance.sum_grads(keep["task"], keep["logit"]), keep["shd"])
+    for t, g in zip(total, plain):
+        torch.testing.assert_close(t, g)
+
+
+def test_balance_needs_a_reference_term_and_grad_needs_one_process():
+    from shdcli.recipe import validate_recipe
+
+    base = {"teacher": "t", "student": {"path": "s"}, "data": {"path": "d.txt"}}
+    with pytest.raises(ShdError, match="balance=value scales SHD .* weight 0 here"):
+        validate_recipe({**base, "distill": {"balance": "value", "task": 0, "logit": 0}})
+    with pytest.raises(ShdError, match="distill.balance: grad runs in one process only"):
+        balance.check_supported("grad", True)
+    balance.check_supported("value", True)
+
+
+# --------------------------------------------------------------------------- in the training loop
+def _setup(tiny_models, tiny_text, **distill):
+    from rich.console import Console
+
+    from shdcli.recipe import validate_recipe
+    from shdcli.train import prepare
+
+    data = {"teacher": str(tiny_models["llama"]), "student": {"from_teacher": {"layers": 2, "heads": 3}},
+            "data": {"path": str(tiny_text), "seq_len": 32, "batch_size": 4, "val_batches": 1},
+            "distill": distill, "train": {"max_steps": 4, "device": "cpu", "grad_clip": 0.0, "grad_norms_every": 1}}
+    recipe = validate_recipe(data)
+    return recipe, prepare(recipe, Console(quiet=True))
+
+
+@pytest.mark.parametrize("every", [1, 0])  # 0: the rest in one backward, no part norms logged
+def test_train_step_grad_balance_against_per_part_forwards(tiny_models, tiny_text, every):
+    from shdcli.data import BatchStream
+    from shdcli.train import make_optimizer, make_scheduler, step_losses, train_step
+
+    recipe, setup = _setup(tiny_models, tiny_text, balance="grad", shd=0.2)
+    setup.recipe.train.grad_norms_every = every
+    batch = BatchStream(setup.train_blocks, 4, recipe.train.seed).next()
+    params = [p for p in setup.student.parameters() if p.requires_grad]
+
+    def grads_of(names):
+        setup.student.zero_grad(set_to_none=True)
+        _, _, _ = step_losses(setup, batch, terms := {})
+        sum(terms[k] for k in names).backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    rest = grads_of(["task", "logit"])
+    shd = grads_of(["shd"])
+    norm = lambda gs: math.sqrt(sum(float(g.double().pow(2).sum()) for g in gs))  # noqa: E731
+    scale = 0.2 * norm(rest) / norm(shd)
+    setup.student.zero_grad(set_to_none=True)
+    opt = make_optimizer(setup.student, recipe)
+    parts, grad_norm, _, _ = train_step(setup, BatchStream(setup.train_blocks, 4, recipe.train.seed), opt,
+                                        make_scheduler(opt, recipe))
+    assert parts["shd_coef"] == pytest.approx(scale, rel=1e-4)
+    assert grad_norm == pytest.approx(norm([r + scale * s for r, s in zip(rest, shd)]), rel=1e-4)
+    if every == 0:
+        assert not any(k.startswith("grad_norm_") for k in parts)
+    else:
+        assert parts["grad_norm_shd"] == pytest.approx(0.2 * norm(rest), rel=1e-4)
+        for name in ("task", "logit"):
+            assert math.isfinite(parts[f"grad_norm_{name}"]) and parts[f"grad_norm_{name}"] > 0
+    assert parts["total"] == pytest.approx(parts["task"] + parts["logit"] + scale * parts["shd"], rel=1e-5)
+
+
+def test_distill_run_logs_part_norms_every_n_steps_and_follows_the_schedule(tiny_models, tiny_text, tmp_path):
+    from rich.console import Console
+
+    from shdcli.recipe import validate_recipe
+    from shdcli.train import run_distillation
+
+    data = {"teacher": str(tiny_models["llama"]), "student": {"from_teacher": {"layers": 2, "heads": 3}},
+            "data": {"path": str(tiny_text), "seq_len": 32, "batch_size": 4, "val_batches": 1},
+            "distill": {"shd_schedule": "linear_decay", "shd_decay_steps": 2, "layers": {"every": 2}},
+            "train": {"max_steps": 4, "eval_every": 4, "device": "cpu", "grad_norms_every": 2},
+            "output_dir": str(tmp_path / "run")}
+    run_distillation(validate_recipe(data), Console(quiet=True))
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert [("grad_norm_shd" in h) for h in history] == [False, True, False, True]
+    assert history[1]["grad_norm_task"] > 0 and history[1]["grad_norm_logit"] > 0
+    assert history[1]["grad_norm_shd"] > 0  # step index 1 of a 2-step decay: weight 0.5
+    assert history[3]["grad_norm_shd"] == 0.0  # decayed to 0: no SHD gradient at all
+    # shd_coef = distill.shd (1) x factor of step index 0..3: 1, 0.5, 0, 0
+    assert [h["shd_coef"] for h in history] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+
+
+def test_part_norms_cover_the_whole_accumulated_step(tiny_models, tiny_text):
+    from rich.console import Console
+
+    from shdcli.data import BatchStream
+    from shdcli.recipe import validate_recipe
+    from shdcli.train import make_optimizer, make_scheduler, prepare, step_losses, train_step
+
+    recipe, _ = _setup(tiny_models, tiny_text)
+    data = recipe.resolved()
+    data["train"]["grad_accum"] = 2
+    recipe = validate_recipe(data)
+    setup = prepare(recipe, Console(quiet=True))
+    stream = BatchStream(setup.train_blocks, 4, recipe.train.seed)
+    batches = [stream.next(), stream.next()]
+    params = [p for p in setup.student.parameters() if p.requires_grad]
+    expected = {}
+    for name in ("task", "logit", "shd"):  # mean over the two micro-batches, one forward + backward each
+        setup.student.zero_grad(set_to_none=True)
+        for batch in batches:
+            terms: dict = {}
+            step_losses(setup, batch, terms)
+            (terms[name] / 2).backward()
+        expected[name] = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None))
+    setup.student.zero_grad(set_to_none=True)
+    opt = make_optimizer(setup.student, recipe)
+    stream = BatchStream(setup.train_blocks, 4, recipe.train.seed)
+    parts = train_step(setup, stream, opt, make_scheduler(opt, recipe))[0]
+    for name, value in expected.items():
+        assert parts[f"grad_norm_{name}"] == pytest.approx(value, rel=1e-4)
