@@ -72,3 +72,20 @@ def test_students_benchmark_quick(tmp_path):
     runs = results["trained"]["tiny-llama"]
     assert len(runs) == 4 and all(r["final"]["perplexity"] > 1 for r in runs)
     assert "importance - uniform in log perplexity" in students.markdown(results)
+
+
+def test_part_norms_with_fused_logits_log_task_and_kd_together(tiny_models, tiny_text, tmp_path, monkeypatch, capsys):
+    """Per-part gradient norms on a causal LM with the fused logit loss (one gradient for CE + KD)."""
+    recipe = {
+        "teacher": str(tiny_models["llama"]),
+        "student": {"from_teacher": {"layers": 2, "heads": 2}},
+        "data": {"path": str(tiny_text), "seq_len": 32, "batch_size": 4, "val_batches": 1},
+        "train": {"max_steps": 2, "eval_every": 2, "warmup_steps": 0, "device": "cpu", "grad_norms_every": 1},
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, _, stderr = run_main(monkeypatch, capsys, "distill", str(path))
+    assert code == 0, stderr
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert all(h["grad_norm_rest"] > 0 and h["grad_norm_shd"] > 0 for h in history)
