@@ -156,7 +156,7 @@ def make_student(
                                        d.alpha, d.temperature, recipe.train.seed,
                                        blocks={t: b for t, (b, _) in requests.items()})
             return {t: (c.groups, c.representatives, c) for t, c in chosen.items()}
-    explicit = [] if isinstance(d.layers, str) else [int(t) for _, t in d.layers]
+    explicit = [int(t) for _, t in d.layers] if isinstance(d.layers, list) else []
     home, was_training = next(teacher.parameters()).device, teacher.training
     teacher.eval().to(device)  # measured where it runs; the init below copies on the teacher's home device
     try:
@@ -179,10 +179,13 @@ def make_student(
 
 
 def derived_pairs(spec, kept: list[int], teacher_layers: int) -> list[tuple[int, int]]:
-    """(student layer, teacher layer) pairs of a derived student: `auto` maps each student layer to
-    the teacher layer it was copied from; `last` the final layers; explicit lists as given."""
+    """(student layer, teacher layer) pairs of a derived student: `auto` (and the student layers that
+    {every: N} / {last: N} choose) map to the teacher layer each was copied from; `last` the final
+    layers; explicit lists as given."""
     if spec == "auto":
         return list(enumerate(kept))
+    if isinstance(spec, dict):
+        return [(s, kept[s]) for s, _ in layer_pairs(teacher_layers, len(kept), spec)]
     return layer_pairs(teacher_layers, len(kept), spec)
 
 
