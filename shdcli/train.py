@@ -144,7 +144,9 @@ def make_student(
     # ---- what to keep (measured on calibration batches) and the plan's layer pairs
     prune = ft.prune if ft.init == "teacher" else "uniform"
     needs_data = prune == "importance" or d.grouping == "calibrated"
-    calib = batches() if needs_data and batches is not None else []
+    if needs_data and batches is None:
+        raise ValueError("make_student: importance pruning and calibrated grouping need calibration batches")
+    calib = batches() if needs_data else []
     if needs_data:
         what = " and ".join(w for w, on in (("measuring the teacher for pruning", prune == "importance"),
                                              ("calibrating head groups", d.grouping == "calibrated")) if on)
@@ -156,6 +158,7 @@ def make_student(
                                        d.alpha, d.temperature, recipe.train.seed,
                                        blocks={t: b for t, (b, _) in requests.items()})
             return {t: (c.groups, c.representatives, c) for t, c in chosen.items()}
+    layer_pairs(t_shape.layers, shape.layers, d.layers)  # a bad distill.layers fails here, before any measuring
     explicit = [int(t) for _, t in d.layers] if isinstance(d.layers, list) else []
     home, was_training = next(teacher.parameters()).device, teacher.training
     teacher.eval().to(device)  # measured where it runs; the init below copies on the teacher's home device

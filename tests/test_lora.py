@@ -30,7 +30,7 @@ def test_lora_student_trains_adapters_and_saves_a_merged_student(tmp_path, tiny_
 
     from shdcli.data import eval_batches, load_blocks
     from shdcli.evaluate import perplexity
-    from shdcli.train import load_teacher, make_student, run_distillation
+    from shdcli.train import calibration_batches, load_teacher, make_student, run_distillation
 
     recipe = _recipe(tiny_models[kind], tiny_text, tmp_path / "run")
     metrics = run_distillation(recipe, Console(quiet=True))
@@ -39,7 +39,8 @@ def test_lora_student_trains_adapters_and_saves_a_merged_student(tmp_path, tiny_
 
     # lora/base is exactly the student derived from the teacher: the base weights stayed frozen.
     teacher, tokenizer, task, _ = load_teacher(recipe)
-    initial, _ = make_student(recipe, teacher, tokenizer, task)
+    train_blocks, _ = load_blocks(recipe.data, tokenizer, True, recipe.train.seed)
+    initial, _, _ = make_student(recipe, teacher, tokenizer, task, lambda: calibration_batches(train_blocks, recipe))
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "lora" / "base").eval()
     for name, value in initial.state_dict().items():
         torch.testing.assert_close(base.state_dict()[name], value, rtol=0, atol=0, msg=name)
