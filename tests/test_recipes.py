@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
 
-from shdcli.data import FORTUNES
 from shdcli.recipe import load_recipe
 from tests.conftest import ROOT, run_cli
 
@@ -43,8 +42,9 @@ def test_recipe_runs_on_real_teacher(recipe: Path, tmp_path: Path):
                                "--epochs", "1"], capture_output=True, text=True, env=env)
         assert made.returncode == 0, made.stderr[-3000:]
         teacher = ["--set", f"teacher.path={tmp_path / 'vit'}"]
-    if load_recipe(recipe).data.ood_eval == "builtin:fortunes" and not FORTUNES.is_dir():
-        teacher += ["--set", "data.ood_eval=builtin:sentences"]  # apt-get install fortunes for the real one
+    if load_recipe(recipe).data.ood_eval is not None:
+        # The short corpus keeps this run quick (the recipes' fortunes are scored in docs/BENCHMARKS.md).
+        teacher += ["--set", "data.ood_eval=builtin:sentences", "--set", "distill.calibration_batches=2"]
     result = run_cli(
         "distill", str(recipe), *teacher,
         "--set", "train.max_steps=2", "--set", "train.eval_every=2", "--set", "data.val_batches=1",
