@@ -515,17 +515,9 @@ def main(argv: list[str] | None = None) -> int:
             if long_n:
                 mems.update(memory_in_subprocess(cfg_name, [(long_n, sizes[long_n])], ("kd", "lean"), args.device))
         print("measured memory", flush=True)
-    print()
-    print(tables(times, mems, sizes, MODES, clock))
-    print()
-    for line in verdicts(times, mems, long_n if not args.quick else None):
-        print(line)
-    print(f"\n# total {time.perf_counter() - t_start:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps({"config": cfg.describe(), "device": str(device), "clock": clock,
-                                         "threads": torch.get_num_threads(), "sizes": sizes, "times": times,
-                                         "memory": mems}, indent=2))
-    return 0
+    verdict_lines = verdicts(times, mems, long_n if not args.quick else None)
+    return report(args, tables(times, mems, sizes, MODES, clock), verdict_lines, cfg, device, clock, sizes, times,
+                  mems, t_start)
 
 
 def main_logits(args, cfg_name: str, cfg, device: torch.device, t_start: float) -> int:
@@ -548,10 +540,17 @@ def main_logits(args, cfg_name: str, cfg, device: torch.device, t_start: float) 
         for n in mem_seqs:
             mems.update(memory_in_subprocess(cfg_name, [(n, sizes[n])], LOGIT_MODES, args.device))
             print(f"measured memory at N={n}", flush=True)
+    return report(args, logit_tables(times, mems, sizes, LOGIT_MODES, clock), logit_verdicts(times, mems),
+                  cfg, device, clock, sizes, times, mems, t_start)
+
+
+def report(args, table: str, verdict_lines, cfg, device: torch.device, clock: str, sizes: dict, times: dict,
+           mems: dict, t_start: float) -> int:
+    """Print the table and verdicts, the total time, and write --json: the end of both benchmark modes."""
     print()
-    print(logit_tables(times, mems, sizes, LOGIT_MODES, clock))
+    print(table)
     print()
-    for line in logit_verdicts(times, mems):
+    for line in verdict_lines:
         print(line)
     print(f"\n# total {time.perf_counter() - t_start:.0f} s")
     if args.json:
