@@ -122,6 +122,8 @@ def _ci(values: list[float], digits: int = 4) -> str:
 def markdown(results: dict) -> str:
     out = []
     for teacher, rows in results["step0"].items():
+        if not rows:
+            continue
         metric = rows[0]["metric"]
         label = "perplexity" if metric == "perplexity" else "similarity Pearson"
         first = rows[0]["m"]
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=str(ROOT / "docs" / "students_results.json"))
     parser.add_argument("--doc", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--skip-step0", action="store_true", help="train only (step-0 rows from an earlier run)")
     parser.add_argument("--render", default="", help="comma-separated results JSONs of earlier runs: merge them "
                         "(later files win per teacher, shape and init) and write the tables, running nothing")
     args = parser.parse_args(argv)
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = train.load_teacher(validate_recipe(recipe_for(teacher, chosen[0], "uniform", 0, None, work / "x",
                                                                teachers)))[:3]
         rows = results["step0"].setdefault(teacher, [])
-        for shape in chosen:
+        for shape in [] if args.skip_step0 else chosen:
             for prune in inits:
                 console.print(f"[bold]{teacher} {shape} {prune}: step 0")
                 m = step0(recipe_for(teacher, shape, prune, seeds[0], None, work / "s0", teachers), loaded, console)
