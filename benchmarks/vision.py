@@ -2,7 +2,7 @@
 
 Runs recipes/vit_digits.yaml three ways and with three seeds each, in this process, and prints the
 held-out top-1 accuracy per seed and as mean with a 95% confidence interval (Student t, n - 1 dof).
-The teacher is trained first if its folder is missing (python -m shdcli.vision make-teacher).
+The teacher is trained first if its folder is missing (shd make-demo-teacher vit-digits).
 
     python benchmarks/vision.py [--steps 300] [--seeds 0 1 2] [--out runs/bench_vision]
     # or one variant per process (each single-threaded), then the table over all finished variants:
@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from rich.console import Console  # noqa: E402
 
+from shdcli.demo import make_teacher  # noqa: E402
 from shdcli.recipe import load_recipe  # noqa: E402
 from shdcli.report import markdown_table, write_json_atomic  # noqa: E402
 from shdcli.train import run_distillation  # noqa: E402
-from shdcli.vision import make_teacher  # noqa: E402
 
 VARIANTS = {
     "no KD (labels only)": ["distill.logit=0", "distill.shd=0"],

@@ -1,18 +1,31 @@
-"""The `shd` command line: a thin Typer layer over train / heads / evaluate."""
+"""The `shd` command line: a thin Typer layer over train / heads / evaluate / export / demo."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
 
-import typer
-from rich.console import Console
-from rich.markup import escape
-
 from shdcli import offline
-from shdcli.errors import ShdError
+
+offline()  # before transformers is imported (by the modules below): nothing may reach a model hub
+
+import click  # noqa: E402
+import torch  # noqa: E402
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from shdcli import demo, distributed, evaluate, export, heads  # noqa: E402
+from shdcli.checkpoint import Interrupted  # noqa: E402
+from shdcli.errors import ShdError  # noqa: E402
+from shdcli.recipe import load_recipe  # noqa: E402
+from shdcli.report import write_json_atomic  # noqa: E402
+from shdcli.tasks import image  # noqa: E402
+from shdcli.train import run_distillation  # noqa: E402
 
 app = typer.Typer(
     name="shd",
@@ -28,9 +41,6 @@ _DEBUG = False
 
 
 def _offline() -> None:
-    offline()
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
 
 
@@ -58,16 +68,9 @@ def distill(
     ] = False,
 ) -> None:
     """Distil a teacher into a student with SHD + logit KD + task loss."""
-    from shdcli import distributed
-    from shdcli.recipe import load_recipe
-
-    spec = load_recipe(recipe, set_ or [])  # before importing torch: recipe mistakes are reported at once
+    spec = load_recipe(recipe, set_ or [])  # before any model is loaded: recipe mistakes are reported at once
     if allow_pickle:
         spec.teacher.allow_pickle = spec.student.allow_pickle = True
-
-    from shdcli.checkpoint import Interrupted
-    from shdcli.train import run_distillation
-
     console.quiet = not distributed.env_info().is_main  # under torchrun only rank 0 talks
     try:
         metrics = run_distillation(spec, console, resume=resume, overwrite=overwrite)
@@ -116,10 +119,6 @@ def inspect_heads(
     threads: Annotated[int, typer.Option(help="torch CPU threads; 0 = torch's default.")] = 0,
 ) -> None:
     """Show how alike each layer's attention heads are and what squeezing them to K heads loses."""
-    import json
-
-    from shdcli import heads
-
     if grouping not in heads.GROUPINGS:
         raise ShdError(f"--grouping: {grouping!r} is not a grouping; use {', '.join(heads.GROUPINGS)}")
     if batch_size < 1 or seq_len < 2:
@@ -172,32 +171,28 @@ def eval_(
     speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure CPU latency and throughput.")] = True,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file (image classifiers: eval.json "
                                              "and confusion PNGs go to its folder too).")] = None,
+    split: Annotated[str, typer.Option(help="Image classifiers: the images to score: val (the run's held-out "
+                                       "split), train or all.")] = "val",
     threads: Annotated[int, typer.Option(help="torch CPU threads; 0 = torch's default.")] = 0,
 ) -> None:
     """Measure students: quality, attention fidelity to the teacher, size and CPU speed (image classifiers:
     top-1/top-5 accuracy, confusion matrix PNG, size, latency)."""
-    import json
-
-    from shdcli import evaluate, vision
-
     _threads(threads)
     names = [student[0], *(compare or []), *student[1:]]
-    # Image classifiers: top-1/top-5, confusion PNG, size, latency (vision.py); None for text models.
-    result = vision.eval_command(names, teacher, data, out, batch_size)
-    image = result is not None
-    if not image:
+    # Image classifiers: top-1/top-5, confusion PNG, size, latency (tasks/image.py); None for text models.
+    result = evaluate.eval_command(names, teacher, data, out, batch_size, split)
+    is_image = result is not None
+    if not is_image:
         options = evaluate.EvalOptions(seq_len=seq_len, stride=stride, max_tokens=max_tokens, samples=samples,
                                        batch_size=batch_size, speed=speed,
                                        similarity=str(similarity) if similarity else None)
         result = evaluate.run_eval(names, teacher, data, options, log=err_console.print)
     if out is not None:
-        from shdcli.report import write_json_atomic
-
         write_json_atomic(out, result)
     if json_:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
-        console.print(vision.format_eval(result) if image else evaluate.eval_table(result))
+        console.print(image.format_eval(result) if is_image else evaluate.eval_table(result))
         for note in result["notes"]:
             console.print(f"[dim]note: {note}[/dim]")
 
@@ -212,8 +207,6 @@ def export_(
                                              "folder) or folder for safetensors.")] = None,
 ) -> None:
     """Write the student for another runtime: one GGUF file for llama.cpp, or the HF safetensors folder."""
-    from shdcli import export
-
     result = export.export(student, format_, dtype, out)
     if isinstance(result, Path):
         console.print(f"safetensors HF folder: {result}")
@@ -221,6 +214,43 @@ def export_(
     console.print(escape(export.describe(result)), highlight=False, soft_wrap=True)
     for note in result.notes:
         console.print(f"[dim]note: {escape(note)}[/dim]")
+
+
+@app.command("make-demo-teacher")
+def make_demo_teacher(
+    kind: Annotated[str, typer.Argument(help="Which demo teacher: " + ", ".join(
+        f"{k} ({v})" for k, v in demo.DEMO_TEACHERS.items()) + ".")],
+    out: Annotated[Path, typer.Argument(help="Folder to write the teacher to (an HF folder).")],
+    data: Annotated[str, typer.Option(help="Images to train on: builtin:digits, an image folder, .npz or a "
+                                      "datasets folder.")] = "builtin:digits",
+    hidden: Annotated[int, typer.Option(help="Width.")] = 192,
+    heads_: Annotated[int, typer.Option("--heads", help="Attention heads per layer.")] = 12,
+    layers: Annotated[int, typer.Option(help="Transformer blocks.")] = 4,
+    intermediate: Annotated[int, typer.Option(help="MLP width.")] = 384,
+    image_size: Annotated[int, typer.Option("--image-size", help="Input image side (images are resized).")] = 16,
+    patch_size: Annotated[int, typer.Option("--patch-size", help="Patch side.")] = 4,
+    epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-3,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Images held out (fixed split).")] = 0.25,
+    seed: Annotated[int, typer.Option(help="Initialisation and data-order seed.")] = 0,
+    threads: Annotated[int, typer.Option(help="torch CPU threads; 0 = torch's default.")] = 1,
+) -> None:
+    """Train a small demo teacher offline (vit-digits: a ViT image classifier on scikit-learn's digits)."""
+    if kind not in demo.DEMO_TEACHERS:
+        raise ShdError(f"KIND: {kind!r} is not a demo teacher; choose one of {', '.join(demo.DEMO_TEACHERS)}")
+    if min(hidden, heads_, layers, intermediate, image_size, patch_size, epochs, batch_size) < 1 or lr <= 0:
+        raise ShdError("--hidden, --heads, --layers, --intermediate, --image-size, --patch-size, --epochs, "
+                       "--batch-size and --lr must be positive")
+    if hidden % heads_:
+        raise ShdError(f"--hidden: {hidden} is not divisible by --heads {heads_}; give a multiple of the heads")
+    if image_size % patch_size:
+        raise ShdError(f"--patch-size: {patch_size} does not divide --image-size {image_size}")
+    if not 0 < val_fraction < 1:
+        raise ShdError(f"--val-fraction: {val_fraction} must be between 0 and 1")
+    _threads(threads)
+    demo.make_teacher(out, data, hidden, heads_, layers, intermediate, image_size, patch_size, epochs, batch_size, lr,
+                      val_fraction, seed, 0, log=console.print)
 
 
 def _int_list(text: str | None, field: str) -> list[int] | None:
@@ -237,14 +267,10 @@ def _threads(n: int) -> None:
     if n < 0:
         raise ShdError("--threads: give 0 (torch's default) or a positive count")
     if n:
-        import torch
-
         torch.set_num_threads(n)
 
 
 def _device(name: str) -> str:
-    import torch
-
     if name not in ("cpu", "cuda", "auto"):
         raise ShdError(f"--device: {name!r}; use cpu, cuda or auto")
     if name == "cuda" and not torch.cuda.is_available():
@@ -272,8 +298,6 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors and the like
-        import click
-
         if isinstance(exc, click.exceptions.ClickException):
             exc.show()
             sys.exit(2)

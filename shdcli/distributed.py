@@ -173,8 +173,10 @@ def _fsdp():
 
 
 def wrap_student(model: nn.Module, strategy: str, device: torch.device, amp_dtype: torch.dtype | None,
-                 encoder: bool) -> nn.Module:
+                 encoder: bool, blocks: list[nn.Module] | None = None) -> nn.Module:
     """DDP replica or FSDP2-sharded student; the model itself when not distributed.
+
+    blocks: the model's transformer blocks (models.families.decoder_layers), FSDP's wrapping units.
 
     encoder: encoder students (BertModel) carry a pooler that the embedding loss never reads, so
     DDP must look for unused parameters; causal LMs use every parameter in every step.
@@ -187,8 +189,6 @@ def wrap_student(model: nn.Module, strategy: str, device: torch.device, amp_dtyp
         ids = [device.index] if device.type == "cuda" else None
         return DDP(model, device_ids=ids, find_unused_parameters=encoder)
     if strategy == "fsdp":
-        from shdcli.models import decoder_layers
-
         _, MixedPrecisionPolicy, fully_shard = _fsdp()
         kwargs = {}
         if amp_dtype is not None and device.type == "cuda":
@@ -196,7 +196,9 @@ def wrap_student(model: nn.Module, strategy: str, device: torch.device, amp_dtyp
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)
         # One FSDP unit per transformer block (all-gathered just before it runs), then the root
         # (embeddings, final norm, head). Shared (tied) embeddings stay in the root unit.
-        for layer in decoder_layers(model):
+        if blocks is None:
+            raise ValueError("wrap_student: train.strategy=fsdp needs the model's transformer blocks")
+        for layer in blocks:
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
         return model

@@ -1,16 +1,11 @@
-"""Evaluation shared by `shd distill` (final evaluation) and `shd eval`.
-
-Metrics (each a function of models and token batches, testable on tiny models):
-  - perplexity: token-weighted exp(mean next-token NLL); `sliding_perplexity` scores a long token
-    stream with overlapping windows so every token after the first is predicted exactly once, with
-    at least window - stride tokens of context (once the stream is that long).
-  - encoders: cosine of mean-pooled sentence embeddings to the teacher's, and how well the student
-    keeps the teacher's similarity structure (Pearson / Spearman of in-batch cosine similarities);
-    Spearman against human scores only when a sentence-similarity file is given (none ships offline).
+"""Evaluation shared by `shd distill` (final evaluation) and `shd eval`: one loop over models that
+asks each model's task for its held-out quality (tasks/*: perplexity for causal LMs, embedding
+agreement for encoders) and adds what every task shares:
   - attention fidelity: the SHD KL (losses.shd_loss, tau = 1) of the student's maps to the squeezed
-    teacher maps on held-out text, with the student's shd_plan.json or an inferred plan.
+    teacher maps on held-out text, with the student's shd_plan.json or an inferred plan;
   - size (parameters, weight bytes on disk) and latency / throughput at batch 1 and 8, measured
     round-robin with the teacher in the same run so machine load hits every model alike.
+Image classifiers are scored on images instead (tasks.image.evaluate_classifier, via eval_command).
 
 `evaluate_models` returns one flat dict of numbers per model; the table (`eval_table`) and the
 JSON are two renderings of the same dict.
@@ -19,188 +14,30 @@ JSON are two renderings of the same dict.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.table import Table
 
-from shdcli.data import TokenBlocks, eval_batches, read_documents, split_documents, tokenize
+from shdcli.attention import capture
+from shdcli.attention.fused_logits import forward_in_row_chunks
+from shdcli.attention.losses import shd_loss
+from shdcli.distributed import unwrap
 from shdcli.errors import ShdError
-from shdcli.fused_logits import forward_in_row_chunks, next_token_nll
-from shdcli.losses import mean_pool
-from shdcli.mapping import Plan, make_plan
-from shdcli.models import CAUSAL_LM, ModelShape, count_parameters, load_model, model_shape, resolve_source
+from shdcli.models.families import ModelShape, model_shape
+from shdcli.models.mapping import Plan, feature_bases, make_plan
+from shdcli.models.sources import count_parameters, resolve_source, run_info
+from shdcli.tasks.base import QualityInputs
+from shdcli.tasks.data import TokenBlocks, eval_batches, read_documents, same_tokens, split_documents, tokenize
+from shdcli.tasks.image import eval_hook, is_image_classifier
+from shdcli.tasks.registry import get as get_task
+from shdcli.tasks.registry import load_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
-# --------------------------------------------------------------------------- quality metrics
-def forward_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Last hidden states [B, N, D] of an encoder (or the base model of a causal LM)."""
-    out = model(**batch)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
-def _ppl(nll: float, tokens: int) -> dict[str, float]:
-    mean = nll / max(1, tokens)
-    return {"nll": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": tokens}
-
-
-@torch.inference_mode()
-def perplexity(model, batches: list[dict[str, torch.Tensor]], device: torch.device | str) -> dict[str, float]:
-    """Token-weighted perplexity over batches: exp(total next-token NLL / number of predicted tokens)."""
-    nll, tokens = 0.0, 0
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        part, n = next_token_nll(model, batch["input_ids"], batch["attention_mask"], labels)  # head in row chunks
-        nll, tokens = nll + part, tokens + n
-    return _ppl(nll, tokens)
-
-
-def window_spans(total: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first scored position) of each window over a stream of `total` tokens.
-
-    Window w covers tokens [begin, end) and scores positions [first, end): the ones the previous
-    window did not reach, never its own first token (it has no context). Every position 1..total-1
-    is scored exactly once.
-    """
-    if window < 2:
-        raise ValueError("window must be at least 2 tokens")
-    if not 1 <= stride < window:  # windows must overlap, else each window's first token goes unscored
-        raise ValueError(f"stride {stride} must be in 1..window - 1 ({window - 1})")
-    spans, begin, prev_end = [], 0, 0
-    while True:
-        end = min(begin + window, total)
-        spans.append((begin, end, max(prev_end, begin + 1)))
-        if end >= total:
-            return spans
-        prev_end = end
-        begin += stride
-
-
-@torch.inference_mode()
-def sliding_perplexity(model, ids: torch.Tensor, window: int, stride: int, device: torch.device | str,
-                       batch_size: int = 4) -> dict[str, float]:
-    """Token-weighted perplexity of one long token stream ids [T] with sliding windows (see window_spans)."""
-    ids = ids.flatten().long()
-    if ids.numel() < 2:
-        raise ShdError("data: the held-out text gives fewer than 2 tokens; give more text")
-    spans = window_spans(ids.numel(), window, stride)
-    nll, tokens = 0.0, 0
-    for i in range(0, len(spans), batch_size):
-        chunk = spans[i:i + batch_size]
-        length = max(end - begin for begin, end, _ in chunk)
-        input_ids = torch.zeros(len(chunk), length, dtype=torch.long)
-        mask = torch.zeros(len(chunk), length, dtype=torch.long)
-        labels = torch.full((len(chunk), length), -100, dtype=torch.long)
-        for row, (begin, end, first) in enumerate(chunk):  # right padding: causal rows never see it
-            input_ids[row, : end - begin] = ids[begin:end]
-            mask[row, : end - begin] = 1
-            labels[row, first - begin: end - begin] = ids[first:end]
-        part, n = next_token_nll(model, input_ids.to(device), mask.to(device), labels.to(device))
-        nll, tokens = nll + part, tokens + n
-    return {**_ppl(nll, tokens), "window": window, "stride": stride}
-
-
-def rank_average(x: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..n of a 1-D tensor, ties given their average rank (as Spearman's rho needs)."""
-    order = torch.argsort(x, stable=True)
-    sorted_x = x[order]
-    ranks = torch.empty(x.numel(), dtype=torch.float64)
-    i, n = 0, x.numel()
-    while i < n:
-        j = i
-        while j + 1 < n and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    den = (a.norm() * b.norm()).item()
-    return float((a * b).sum() / den) if den > 0 else float("nan")
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman's rank correlation: Pearson correlation of average ranks."""
-    return pearson(rank_average(a.flatten()), rank_average(b.flatten()))
-
-
-def _embed(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return F.normalize(mean_pool(forward_hidden(model, batch).float(), batch["attention_mask"]), dim=-1)
-
-
-@torch.inference_mode()
-def embedding_agreement(student, teacher, batches: list[dict[str, torch.Tensor]], device: torch.device | str) -> dict:
-    """Cosine of mean-pooled sentence embeddings to the teacher's (same width only), and agreement of
-    the in-batch similarity structure: Pearson and Spearman correlation of the off-diagonal cosine
-    similarities of student and teacher (works across widths)."""
-    cosines, sims_s, sims_t = [], [], []
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        s, t = _embed(student, batch), _embed(teacher, batch)
-        if s.shape[-1] == t.shape[-1]:
-            cosines.append((s * t).sum(-1))
-        off = ~torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
-        sims_s.append((s @ s.t())[off])
-        sims_t.append((t @ t.t())[off])
-    out: dict[str, float] = {}
-    if cosines:
-        out["embedding_cosine"] = torch.cat(cosines).mean().item()
-    a, b = torch.cat(sims_s).cpu(), torch.cat(sims_t).cpu()
-    if a.numel() > 1:
-        out["similarity_pearson"] = pearson(a, b)
-        out["similarity_spearman"] = spearman(a, b)
-    return out
-
-
-def read_similarity_file(path: str) -> tuple[list[str], list[str], torch.Tensor]:
-    """A sentence-similarity set: UTF-8 lines `sentence1<TAB>sentence2<TAB>score` (STS-B style)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ShdError(f"--similarity: {path} is not a file; give a TSV of sentence1<TAB>sentence2<TAB>score")
-    first, second, scores = [], [], []
-    for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        try:
-            score = float(parts[2])
-        except (IndexError, ValueError):
-            if lineno == 1:  # a header line
-                continue
-            raise ShdError(f"--similarity: {path} line {lineno} is not sentence1<TAB>sentence2<TAB>score") from None
-        first.append(parts[0])
-        second.append(parts[1])
-        scores.append(score)
-    if len(scores) < 3:
-        raise ShdError(f"--similarity: {path} holds {len(scores)} scored pairs; give at least 3")
-    return first, second, torch.tensor(scores, dtype=torch.float64)
-
-
-@torch.inference_mode()
-def similarity_spearman(model, tokenizer, first: list[str], second: list[str], gold: torch.Tensor,
-                        device: torch.device | str, batch_size: int = 32, max_len: int = 128) -> float:
-    """Spearman correlation of the cosine of the two sentences' embeddings with the gold scores."""
-    def embed(sentences: list[str]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(sentences), batch_size):
-            enc = tokenizer(sentences[i:i + batch_size], padding=True, truncation=True, max_length=max_len,
-                            return_tensors="pt")
-            out.append(_embed(model, {"input_ids": enc["input_ids"].to(device),
-                                      "attention_mask": enc["attention_mask"].to(device)}).cpu())
-        return torch.cat(out)
-
-    return spearman((embed(first) * embed(second)).sum(-1), gold)
 
 
 # --------------------------------------------------------------------------- attention fidelity
@@ -209,10 +46,6 @@ def attention_fidelity(student, teacher, plan: Plan, batches: list[dict[str, tor
                        device: torch.device | str, alpha: str = "lsq") -> float:
     """Mean SHD KL (tau = 1) of the student's attention to the squeezed teacher maps over the batches:
     over mapped layers, heads and valid query rows, weighted exactly as one big batch would be."""
-    from shdcli import capture
-    from shdcli.losses import shd_loss
-    from shdcli.train import feature_bases
-
     for model in (student, teacher):
         capture.enable(model)
     t_rec = capture.AttentionRecorder({t for _, t in plan.pairs}, keep_values=True)
@@ -331,10 +164,6 @@ def _shape_text(shape: ModelShape) -> str:
     return f"{shape.layers}L x {shape.heads}H{kv}, width {shape.hidden}"
 
 
-def _same_tokens(a, b) -> bool:
-    return a is b or (a is not None and b is not None and a.get_vocab() == b.get_vocab())
-
-
 def evaluate_models(students: list[EvalModel], teacher: EvalModel | None, heldout: HeldOut,
                     options: EvalOptions, log: Callable[[str], None] = lambda _: None) -> dict:
     """Every metric for every student (and the teacher), as flat dicts of numbers. See module docstring."""
@@ -352,47 +181,24 @@ def evaluate_models(students: list[EvalModel], teacher: EvalModel | None, heldou
     if options.seq_len > max_pos:
         raise ShdError(f"--seq-len: {options.seq_len} is longer than a model's {max_pos} positions")
 
-    packed = task == CAUSAL_LM
-    blocks = tokenize(heldout.docs, tokenizer, options.seq_len, packed)
+    kind = get_task(task)
+    blocks = tokenize(heldout.docs, tokenizer, options.seq_len, kind.packed)
     n = min(len(blocks), options.samples)
     batches = eval_batches(TokenBlocks(blocks.input_ids[:n], blocks.attention_mask[:n]), options.batch_size)
     entries = {id(m): _base_entry(m) for m in everyone}
 
-    if task == CAUSAL_LM:
-        # seq_len=1 packs the documents (joined with EOS, as in training) without cutting any tokens off.
-        stream = tokenize(heldout.docs, tokenizer, 1, True).input_ids.flatten()[: options.max_tokens]
-        stride = options.stride or max(1, options.seq_len // 2)
-        for m in everyone:
-            if not _same_tokens(m.tokenizer, tokenizer):
-                notes.append(f"{m.name}: its tokenizer differs from the teacher's; perplexity uses its own tokens")
-                ids = tokenize(heldout.docs, m.tokenizer, 1, True).input_ids.flatten()[: options.max_tokens]
-            else:
-                ids = stream
-            log(f"perplexity: {m.name}")
-            ppl = sliding_perplexity(m.model, ids, options.seq_len, stride, device, batch_size=options.batch_size)
-            entries[id(m)].update(perplexity=ppl["perplexity"], nll=ppl["nll"], ppl_tokens=ppl["tokens"])
-    elif teacher is not None:
-        for m in students:
-            if not _same_tokens(m.tokenizer, tokenizer):
-                notes.append(f"{m.name}: its tokenizer differs from the teacher's; no embedding agreement")
-                continue
-            log(f"embeddings: {m.name}")
-            entries[id(m)].update(embedding_agreement(m.model, teacher.model, batches, device))
-    if task != CAUSAL_LM:
-        if options.similarity:
-            first, second, gold = read_similarity_file(options.similarity)
-            for m in everyone:
-                entries[id(m)]["sts_spearman"] = similarity_spearman(
-                    m.model, m.tokenizer, first, second, gold, device, max_len=options.seq_len)
-        else:
-            notes.append("no sentence-similarity set ships offline (see offline_assets.md), so no Spearman "
-                         "against human scores; pass --similarity FILE.tsv (sentence1<TAB>sentence2<TAB>score)")
+    quality = QualityInputs(heldout.docs, tokenizer, options.seq_len, options.stride, options.max_tokens, batches,
+                            options.similarity, options.batch_size, device)
+    for m in everyone:
+        log(f"quality: {m.name}")
+        judge = None if m is teacher else (teacher.model if teacher is not None else None)
+        entries[id(m)].update(kind.quality(m.model, m.tokenizer, judge, quality, notes, m.name))
 
     if teacher is not None and options.attention:
         t_shape = model_shape(teacher.model.config)
         for m in students:
             s_shape = model_shape(m.model.config)
-            if not _same_tokens(m.tokenizer, tokenizer):
+            if not same_tokens(m.tokenizer, tokenizer):
                 continue
             plan, source = m.plan, m.plan_source
             if plan is None:
@@ -405,7 +211,7 @@ def evaluate_models(students: list[EvalModel], teacher: EvalModel | None, heldou
             entries[id(m)]["attention_plan"] = source
 
     if options.speed:
-        pool = blocks.input_ids.flatten() if packed else blocks.input_ids[blocks.attention_mask.bool()]
+        pool = blocks.input_ids.flatten() if kind.packed else blocks.input_ids[blocks.attention_mask.bool()]
         for b in options.speed_batches:
             need = b * options.seq_len
             ids = pool.repeat(-(-need // max(1, pool.numel())))[:need].view(b, options.seq_len)
@@ -445,29 +251,6 @@ def _base_entry(m: EvalModel) -> dict:
 
 
 # --------------------------------------------------------------------------- CLI: loading
-@dataclass
-class RunInfo:
-    """What a `shd distill` run left beside a student: its plan and the run's metrics.json."""
-
-    plan_file: Path | None = None
-    recipe: dict = field(default_factory=dict)
-    metrics_file: Path | None = None
-
-
-def run_info(folder: Path) -> RunInfo:
-    info = RunInfo()
-    if (folder / "shd_plan.json").is_file():
-        info.plan_file = folder / "shd_plan.json"
-    metrics = folder.parent / "metrics.json"
-    if metrics.is_file():
-        try:
-            info.recipe = json.loads(metrics.read_text()).get("recipe", {}) or {}
-            info.metrics_file = metrics
-        except (OSError, ValueError):
-            pass
-    return info
-
-
 def heldout_from_recipe(recipe: dict) -> HeldOut:
     """The validation split of a run's recipe: the documents its student never trained on."""
     data, seed = recipe["data"], recipe.get("train", {}).get("seed", 0)
@@ -527,6 +310,43 @@ def run_eval(names: list[str], teacher_spec: str | None, data: str | None, optio
     result = evaluate_models(students, teacher, heldout, options, log)
     result["notes"] = notes + result["notes"]
     return result
+
+
+# --------------------------------------------------------------------------- image classifiers
+def eval_command(names: list[str], teacher: str | None, data: str | None, out: Path | None,
+                 batch_size: int = 64, split: str = "val") -> dict | None:
+    """`shd eval` for an image classifier; None when names[0] is not one (the text evaluation runs).
+
+    Defaults come from the student's run (metrics.json next to its folder, as for text): data = the
+    run's data.path and its held-out split (val_fraction), teacher = the run's teacher. eval.json and
+    the confusion PNGs go to the folder of --out, else to <student>_eval next to the student folder.
+    """
+    folder = resolve_source(names[0], "STUDENT")
+    if not is_image_classifier(folder):
+        return None
+    if len(names) > 1:
+        raise ShdError("--compare: image classifiers are evaluated one at a time; run shd eval once per model")
+    info = run_info(folder)
+    run_data = info.recipe.get("data", {})
+    notes = []
+    if data is None and run_data.get("path"):
+        data = run_data["path"]
+        notes.append(f"data {data} (its held-out split) taken from {info.metrics_file}")
+    if teacher is None and info.recipe.get("teacher", {}).get("path"):
+        teacher = info.recipe["teacher"]["path"]
+        notes.append(f"teacher {teacher} taken from {info.metrics_file}")
+    same_data = data is not None and data == run_data.get("path")
+    if out is not None:
+        out_dir = Path(out).parent
+    else:  # next to the student (a pkg:// folder lives in site-packages: use the working folder there)
+        base = Path.cwd() / folder.name if names[0].startswith("pkg://") else folder
+        out_dir = base.parent / f"{base.name}_eval"
+    results = eval_hook(str(folder), data, out_dir, teacher_path=teacher, batch_size=batch_size, split=split,
+                        val_fraction=run_data.get("val_fraction", 0.1) if same_data else 0.1,
+                        image_field=run_data.get("image_field", "image") if same_data else "image",
+                        label_field=run_data.get("label_field", "label") if same_data else "label")
+    results["notes"] = notes
+    return results
 
 
 # --------------------------------------------------------------------------- rendering
@@ -606,8 +426,6 @@ def final_evaluation(setup, student_dir: Path | None, speed: bool = True) -> dic
         heldout = HeldOut(docs, f"validation split of {recipe.data.path} (decoded validation blocks)")
     teacher = EvalModel("teacher", setup.teacher, setup.tokenizer, setup.task,
                         resolve_source(recipe.teacher.path, "teacher.path"))
-    from shdcli.distributed import unwrap
-
     student = EvalModel("student", unwrap(setup.student), setup.tokenizer, setup.task, student_dir, setup.plan,
                         "distillation plan", recipe.distill.alpha)
     options = EvalOptions(seq_len=recipe.data.seq_len, samples=recipe.data.batch_size * recipe.data.val_batches,

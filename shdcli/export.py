@@ -34,8 +34,10 @@ import torch
 import yaml
 
 from shdcli.errors import ShdError
-from shdcli.models import CAUSAL_LM, TOKENIZER_FILES, source_path, task_of
+from shdcli.models.sources import TOKENIZER_FILES, source_path
 from shdcli.report import fsync_dir, make_readable, write_folder_atomic
+from shdcli.tasks.base import CAUSAL_LM
+from shdcli.tasks.registry import task_of
 
 FORMATS = ("gguf", "safetensors")
 DTYPES = ("f32", "f16", "q8_0")

@@ -29,21 +29,9 @@ import torch
 from rich.table import Table
 from rich.text import Text
 
-from shdcli import capture
-from shdcli.data import TokenBlocks, eval_batches, read_documents, tokenize
-from shdcli.errors import ShdError
-from shdcli.losses import group_features
-from shdcli.mapping import format_groups
-from shdcli.models import (
-    CAUSAL_LM,
-    IMAGE_CLASSIFICATION,
-    load_model,
-    model_shape,
-    output_projection,
-    resolve_source,
-)
-from shdcli.report import write_json_atomic
-from shdcli.shd import (
+from shdcli.attention import capture
+from shdcli.attention.losses import group_features
+from shdcli.attention.shd import (
     attention_maps,
     group_feature_bases,
     group_heads,
@@ -52,6 +40,15 @@ from shdcli.shd import (
     solve_weights,
     squeeze_statistics,
 )
+from shdcli.errors import ShdError
+from shdcli.models.families import model_shape, output_projection
+from shdcli.models.grouping import calibrate_teacher
+from shdcli.models.mapping import format_groups
+from shdcli.models.sources import resolve_source
+from shdcli.report import write_json_atomic
+from shdcli.tasks.data import TokenBlocks, eval_batches, tokenize
+from shdcli.tasks.registry import get as get_task
+from shdcli.tasks.registry import load_model
 
 LN2 = math.log(2.0)
 MODES = ("lsq", "mean", "select")
@@ -267,6 +264,40 @@ def _feature_bases(w_out: torch.Tensor, groups: list[list[int]], head_dim: int) 
     return out
 
 
+class FeatureBases:
+    """X_h = V_h W_O[h] through the reduced per-group bases (exact inner products, see shd.py), or V_h
+    where the model's output projection cannot be found; cached per (layer, groups)."""
+
+    def __init__(self, model: torch.nn.Module, layers: int, head_dim: int) -> None:
+        try:
+            self.w_out = {i: output_projection(model, i).detach().float() for i in range(layers)}
+            self.features = "V W_O"
+        except ShdError:
+            self.w_out, self.features = {}, "V"
+        self.head_dim = head_dim
+        self.cache: dict[tuple, list[torch.Tensor]] = {}
+
+    def get(self, layer: int, groups: list[list[int]]) -> list[torch.Tensor] | None:
+        if layer not in self.w_out:
+            return None
+        key = (layer, tuple(tuple(g) for g in groups))
+        if key not in self.cache:
+            self.cache[key] = _feature_bases(self.w_out[layer], groups, self.head_dim)
+        return self.cache[key]
+
+
+@dataclass
+class Measurements:
+    """What one pass over the batches gathered: per-layer accumulators and the plotted sample."""
+
+    acc: list[_LayerAccumulator]
+    contiguous_err: list[list[torch.Tensor]]  # per layer: [B] lsq errors of the contiguous groups
+    seen: int  # samples measured
+    sample_maps: list[torch.Tensor]  # per layer [H, n, n] of the plotted sample
+    sample_ids: torch.Tensor | None  # its tokens (text)
+    features: str
+
+
 @torch.no_grad()
 def inspect_heads(
     model: torch.nn.Module,
@@ -290,38 +321,29 @@ def inspect_heads(
     meta: descriptive fields of the report (model, folder, data, seq_len, task).
     """
     shape = model_shape(model.config)
-    heads, n_layers = shape.heads, shape.layers
-    target = target_heads or default_heads(heads)
-    if not 1 <= target <= heads:
-        raise ShdError(f"--heads-to: {target} is outside 1..{heads} (the model has {heads} heads per layer)")
-    grouper = grouper or fixed_grouper(heads, grouping)
+    target = target_heads or default_heads(shape.heads)
+    if not 1 <= target <= shape.heads:
+        raise ShdError(f"--heads-to: {target} is outside 1..{shape.heads} "
+                       f"(the model has {shape.heads} heads per layer)")
+    grouper = grouper or fixed_grouper(shape.heads, grouping)
     capture.enable(model)
     model.eval().to(device)
+    measured = measure_heads(model, batches, shape, target, grouper, sample_index, device, compare_contiguous)
+    layer_stats = summarise_layers(measured, shape.heads, tolerance, compare_contiguous)
+    return heads_report(measured, layer_stats, model, shape, target, tolerance, grouping, sample_index, tokenizer,
+                        meta or {})
 
-    # X_h = V_h W_O[h] through the reduced per-group bases (exact inner products, see shd.py),
-    # or V_h where the output projection cannot be found.
-    try:
-        w_out = {i: output_projection(model, i).detach().float() for i in range(n_layers)}
-        features = "V W_O"
-    except ShdError:
-        w_out, features = {}, "V"
-    bases_cache: dict[tuple, list[torch.Tensor] | None] = {}
 
-    def bases(layer: int, groups: list[list[int]]) -> list[torch.Tensor] | None:
-        if layer not in w_out:
-            return None
-        key = (layer, tuple(tuple(g) for g in groups))
-        if key not in bases_cache:
-            bases_cache[key] = _feature_bases(w_out[layer], groups, shape.head_dim)
-        return bases_cache[key]
-
+def measure_heads(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], shape, target: int,
+                  grouper: Grouper, sample_index: int, device, compare_contiguous: bool) -> Measurements:
+    """Measure phase: every batch through the model; per layer, the heads' pairwise JS and the squeeze
+    errors at every K (lsq) and at the target K (every alpha mode, with weights)."""
+    heads, n_layers = shape.heads, shape.layers
+    bases = FeatureBases(model, n_layers, shape.head_dim)
     contiguous = group_heads(heads, target, "balanced")
-    contiguous_err: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # per layer: [B] lsq errors
-
-    acc = [_LayerAccumulator(heads, target, grouper(i, target)) for i in range(n_layers)]
+    out = Measurements([_LayerAccumulator(heads, target, grouper(i, target)) for i in range(n_layers)],
+                       [[] for _ in range(n_layers)], 0, [], None, bases.features)
     recorder = capture.AttentionRecorder(set(range(n_layers)), keep_values=True)
-    seen = 0  # samples processed so far
-    sample_maps, sample_ids = [], None
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         row_mask = batch["attention_mask"].bool() if "attention_mask" in batch else None  # None: images
@@ -332,25 +354,25 @@ def inspect_heads(
         if len(records) != n_layers:
             raise ShdError(f"model: captured {len(records)} of {n_layers} attention layers; this model family "
                            "does not route attention through transformers' AttentionInterface")
-        local = sample_index - seen if seen <= sample_index < seen + bsz else None
+        local = sample_index - out.seen if out.seen <= sample_index < out.seen + bsz else None
         if local is not None:
             length = None if row_mask is None else int(row_mask[local].sum())  # None: the whole image
             if "input_ids" in batch:
-                sample_ids = batch["input_ids"][local, :length].cpu()
+                out.sample_ids = batch["input_ids"][local, :length].cpu()
         for i in range(n_layers):
             rec = records[i]
             maps = attention_maps(rec.query, rec.keys_per_head(), rec.scaling, rec.allowed_rows(0, rec.query.shape[2]))
             maps = maps.float()  # [B, H, N, M]
-            a = acc[i]
+            a = out.acc[i]
             js, rows = pairwise_js(maps, row_mask)
             a.js += js
             a.rows += rows
             if local is not None:
-                sample_maps.append(maps[local, :, :length, :length].cpu())
+                out.sample_maps.append(maps[local, :, :length, :length].cpu())
             for k in range(1, heads + 1):
                 groups = a.target_groups if k == target else grouper(i, k)
                 modes = MODES if k == target else ("lsq",)
-                feats = None if all(len(g) == 1 for g in groups) else group_features(rec, groups, bases(i, groups))
+                feats = None if all(len(g) == 1 for g in groups) else group_features(rec, groups, bases.get(i, groups))
                 layer_err, group_err, weights = _group_errors(maps, feats, groups, modes, row_mask, exact=k == target)
                 a.sweep.setdefault(k, []).append(layer_err["lsq"])
                 if k == target:
@@ -360,14 +382,19 @@ def inspect_heads(
                     for j, w in enumerate(weights):
                         a.weights[j].append(w)
             if compare_contiguous and target < heads:
-                feats = group_features(rec, contiguous, bases(i, contiguous))
-                contiguous_err[i].append(_group_errors(maps, feats, contiguous, ("lsq",), row_mask)[0]["lsq"])
-        seen += bsz
-    if seen == 0:
+                feats = group_features(rec, contiguous, bases.get(i, contiguous))
+                out.contiguous_err[i].append(_group_errors(maps, feats, contiguous, ("lsq",), row_mask)[0]["lsq"])
+        out.seen += bsz
+    if out.seen == 0:
         raise ShdError("data: no text samples to run the model on; give a file with some text")
+    return out
 
+
+def summarise_layers(measured: Measurements, heads: int, tolerance: float,
+                     compare_contiguous: bool) -> list[LayerStats]:
+    """Summarise phase: per layer, redundancy, mean errors, the suggested head count and group weights."""
     layer_stats = []
-    for i, a in enumerate(acc):
+    for i, a in enumerate(measured.acc):
         js = a.js / max(a.rows, 1.0)
         error = {m: float(torch.cat(a.errors[m]).mean()) for m in MODES}
         by_k = {k: float(torch.cat(v).mean()) for k, v in sorted(a.sweep.items())}
@@ -381,24 +408,30 @@ def inspect_heads(
                 error={m: float(g_err[m][j]) for m in MODES}, alpha=w[:, 0].tolist(),
             ))
         off = ~torch.eye(heads, dtype=torch.bool)
+        contiguous = measured.contiguous_err[i]
         layer_stats.append(LayerStats(
             layer=i, redundancy=redundancy_score(js), mean_js=float(js[off].mean()) if heads > 1 else 0.0,
             js=js.tolist(), groups=groups, error=error, error_by_heads=by_k, suggested_heads=suggested,
             contiguous_error=(None if not compare_contiguous else
-                              float(torch.cat(contiguous_err[i]).mean()) if contiguous_err[i] else 0.0),
+                              float(torch.cat(contiguous).mean()) if contiguous else 0.0),
         ))
-    meta = meta or {}
+    return layer_stats
+
+
+def heads_report(measured: Measurements, layer_stats: list[LayerStats], model: torch.nn.Module, shape, target: int,
+                 tolerance: float, grouping: str, sample_index: int, tokenizer, meta: dict) -> HeadsReport:
+    """Report phase: the HeadsReport (tables, JSON and plots read it)."""
     tokens = []
-    if sample_ids is not None and tokenizer is not None:
-        tokens = [_token_label(tokenizer, t) for t in sample_ids.tolist()]
+    if measured.sample_ids is not None and tokenizer is not None:
+        tokens = [_token_label(tokenizer, t) for t in measured.sample_ids.tolist()]
     return HeadsReport(
         model=meta.get("model", type(model).__name__), folder=str(meta.get("folder", "")),
-        model_type=shape.model_type, task=meta.get("task", ""), layers=n_layers, heads=heads,
-        kv_heads=shape.kv_heads, data=meta.get("data", ""), samples=seen, rows=int(acc[0].rows),
+        model_type=shape.model_type, task=meta.get("task", ""), layers=shape.layers, heads=shape.heads,
+        kv_heads=shape.kv_heads, data=meta.get("data", ""), samples=measured.seen, rows=int(measured.acc[0].rows),
         seq_len=int(meta.get("seq_len", 0)), target_heads=target, tolerance=tolerance,
-        grouping=meta.get("grouping", grouping), features=features, layer_stats=layer_stats,
+        grouping=meta.get("grouping", grouping), features=measured.features, layer_stats=layer_stats,
         sample_index=sample_index, sample_tokens=tokens,
-        sample_maps=torch.stack(sample_maps) if sample_maps else None,
+        sample_maps=torch.stack(measured.sample_maps) if measured.sample_maps else None,
     )
 
 
@@ -413,13 +446,12 @@ def text_batches(docs: list[str], tokenizer, task: str, samples: int, seq_len: i
                  batch_size: int) -> list[dict[str, torch.Tensor]]:
     """The first `samples` sequences of the text: packed seq_len blocks for a causal LM (as in
     training), one padded sequence per document (cut at seq_len) for an encoder."""
-    blocks = tokenize(docs, tokenizer, seq_len, packed=task == CAUSAL_LM)
+    blocks = tokenize(docs, tokenizer, seq_len, packed=get_task(task).packed)
     blocks = TokenBlocks(blocks.input_ids[:samples], blocks.attention_mask[:samples])
     return eval_batches(blocks, batch_size)
 
 
 GROUPINGS = ("balanced", "pairs", "calibrated")
-IMAGE_DATA = "builtin:digits"  # default samples for image classifiers (vision.py)
 
 
 def run_inspect(model_spec: str, data: str | None = None, samples: int = 32, seq_len: int = 64,
@@ -428,7 +460,7 @@ def run_inspect(model_spec: str, data: str | None = None, samples: int = 32, seq
     """Resolve and load a model (HF folder, .gguf, pkg://), read its samples, and inspect its heads.
 
     Text models read `data` (default builtin:sentences); image classifiers (ViT, DeiT) read images
-    (default builtin:digits, the fixed validation split of vision.py) and ignore seq_len.
+    (default builtin:digits, the fixed validation split of tasks/image.py) and ignore seq_len.
     grouping = calibrated chooses each layer's groups on the first half of the samples
     (grouping.calibrate_teacher) and measures them, and the contiguous groups, on the other half.
     """
@@ -439,24 +471,12 @@ def run_inspect(model_spec: str, data: str | None = None, samples: int = 32, seq
     if tolerance < 0:
         raise ShdError("--tolerance: give a non-negative relative error, e.g. 0.3")
     folder = resolve_source(model_spec, "MODEL")
-    model, tokenizer, task = load_model(folder, "MODEL")
+    model, preprocessor, task = load_model(folder, "MODEL")
     shape = model_shape(model.config)
     if target_heads is not None and not 1 <= target_heads <= shape.heads:
         raise ShdError(f"--heads-to: {target_heads} is outside 1..{shape.heads} (the model has {shape.heads} heads)")
-    if task == IMAGE_CLASSIFICATION:
-        from shdcli.vision import image_batches
-
-        data = data or IMAGE_DATA
-        batches = image_batches(folder, data, samples, batch_size)
-        tokenizer = None  # the image processor: there are no tokens to label
-    else:
-        if tokenizer is None:
-            raise ShdError(f"MODEL: {folder} has no tokenizer files; add tokenizer.json (or vocab files) to it")
-        if shape.max_positions and seq_len > shape.max_positions:
-            raise ShdError(f"--seq-len: {seq_len} is longer than the model's {shape.max_positions} positions")
-        data = data or "builtin:sentences"
-        docs = read_documents(data, field="--data")
-        batches = text_batches(docs, tokenizer, task, samples, seq_len, batch_size)
+    batches, data, tokenizer = get_task(task).inspect_batches(folder, preprocessor, data, samples, seq_len,
+                                                              batch_size, shape.max_positions)
     # calibrated: the first half of the samples chooses the groups, the rest is measured (with one
     # sample, both use it: the report says so in calibration_heldout)
     total = sum(len(next(iter(b.values()))) for b in batches)
@@ -471,15 +491,13 @@ def run_inspect(model_spec: str, data: str | None = None, samples: int = 32, seq
     target = target_heads or default_heads(shape.heads)
     grouper, chosen = None, {}
     if grouping == "calibrated":
-        from shdcli.grouping import calibrate_teacher
-
         model.eval().to(device)
         chosen = calibrate_teacher(model, list(range(shape.layers)), calib or batches, target, device)
         grouper = groups_per_layer_grouper(shape.heads, target, {i: c.groups for i, c in chosen.items()})
     report = inspect_heads(model, batches, target, tolerance, grouper=grouper, grouping=grouping,
                            sample_index=sample_index, device=device, tokenizer=tokenizer, meta=meta,
                            compare_contiguous=grouping == "calibrated")
-    if task == IMAGE_CLASSIFICATION and report.sample_maps is not None:
+    if not get_task(task).text and report.sample_maps is not None:  # images
         report.seq_len = int(report.sample_maps.shape[-1])  # tokens per image: patches + CLS (+ distillation)
     if chosen:
         report.calibration_samples = sum(len(next(iter(b.values()))) for b in calib) if calib else n

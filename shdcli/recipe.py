@@ -106,8 +106,8 @@ class DistillSpec(Section):
                                      "and to measure pruning importance")
     alpha: Literal["lsq", "mean", "select"] = "lsq"
     attn_loss: Literal["kl", "mse", "cosine"] = "kl"
-    # squeeze: SHD. projector / score_mean: the baselines of benchmarks/quality.py (see shdcli/baselines.py).
-    # relations: MiniLMv2 Q-Q/K-K/V-V self-attention relations (shdcli/relations.py).
+    # squeeze: SHD. projector / score_mean: the baselines of benchmarks/quality.py (see shdcli/attention/baselines.py).
+    # relations: MiniLMv2 Q-Q/K-K/V-V self-attention relations (shdcli/attention/relations.py).
     target: Literal["squeeze", "projector", "score_mean", "relations"] = "squeeze"
     relation_heads: int = Field(0, ge=0, description="relation heads of target=relations; 0 = the gcd of the "
                                 "teacher's and student's query and KV head counts")
@@ -124,7 +124,7 @@ class DistillSpec(Section):
     logit_impl: Literal["fused", "naive"] = Field(
         "fused", description="causal LMs: fused (LM head + CE + KD in token chunks, no [B, N, V] logits) | naive")
     chunk_memory_mb: int = Field(64, ge=1, description="MiB of working memory per chunk: lean SHD and fused logits")
-    # shdcli/balance.py: with value|grad, `shd` is the SHD term's fraction of the task + logit term.
+    # shdcli/attention/balance.py: with value|grad, `shd` is the SHD term's fraction of the task + logit term.
     balance: Literal["none", "value", "grad"] = "none"
     shd_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"
     shd_warmup_steps: int = Field(0, ge=0, description="steps over which the SHD weight ramps up from 0")

@@ -16,32 +16,26 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from shdcli import balance, capture, checkpoint, checks, distributed, fused_logits
-from shdcli.data import BatchStream, TokenBlocks, eval_batches, load_blocks
+from shdcli import checkpoint, distributed
+from shdcli.attention import balance, capture, fused_logits
+from shdcli.attention.baselines import attention_target_loss, make_projector
+from shdcli.attention.losses import shd_loss
+from shdcli.attention.relations import relation_loss
 from shdcli.errors import ShdError
-from shdcli.evaluate import ood_heldout
-from shdcli.grouping import calibrate_plan, calibrate_teacher
-from shdcli.losses import causal_lm_loss, embedding_loss, logit_kd_loss, shd_loss
-from shdcli.mapping import Plan, layer_pairs, make_plan, plan_table
+from shdcli.evaluate import final_evaluation, ood_heldout
 from shdcli.model_card import render_card
-from shdcli.models import (
-    CAUSAL_LM,
-    IMAGE_CLASSIFICATION,
-    build_student,
-    count_parameters,
-    load_model,
-    model_shape,
-    output_projection,
-    resolve_source,
-    save_model_folder,
-)
+from shdcli.models import checks
+from shdcli.models.families import decoder_layers, model_shape
+from shdcli.models.grouping import calibrate_plan, calibrate_teacher
+from shdcli.models.lora import apply_lora, save_lora_student
+from shdcli.models.mapping import Plan, feature_bases, layer_pairs, make_plan, plan_table
+from shdcli.models.sources import count_parameters, resolve_source, save_model_folder
+from shdcli.models.st_modules import sentence_transformers_files
 from shdcli.recipe import Recipe
-from shdcli.relations import relation_loss
 from shdcli.report import render_report, write_json_atomic, write_text_atomic
-from shdcli.shd import group_feature_bases
-from shdcli.st_modules import sentence_transformers_files
-from shdcli.student import (
+from shdcli.students.derive import (
     Derivation,
+    build_student,
     config_counter,
     derivation_table,
     derive,
@@ -51,6 +45,10 @@ from shdcli.student import (
     size_warning,
     student_config,
 )
+from shdcli.tasks.base import Forwards, Task
+from shdcli.tasks.data import BatchStream, TokenBlocks
+from shdcli.tasks.registry import get as get_task
+from shdcli.tasks.registry import load_model
 
 
 @dataclass
@@ -66,18 +64,23 @@ class Setup:
     task: str
     plan: Plan
     bases: dict[int, list[torch.Tensor] | None]  # teacher layer -> per-group feature bases
-    train_blocks: TokenBlocks
+    train_blocks: TokenBlocks  # or any row set a BatchStream serves (tasks.image.ImageSet)
     val_batches: list[dict[str, torch.Tensor]]
     use_logit: bool
     # distill.target=projector: the trainable head-mixing matrices (baselines.py), dropped after training.
     projector: torch.nn.Module | None = None
-    derivation: Derivation | None = None  # what a derived student kept of its teacher (student.py)
+    derivation: Derivation | None = None  # what a derived student kept of its teacher (students/derive.py)
     # Optional memo of teacher forwards keyed by batch content (benchmarks reuse one teacher pass across runs).
     teacher_cache: dict | None = None
     step: int = 0  # index of the optimizer step being taken (0-based): the SHD schedule reads it
     shd_grad_scale: float | None = None  # balance=grad: the last scale of the SHD gradient (balance.py)
     teacher_recorder: capture.AttentionRecorder = field(init=False)
     student_recorder: capture.AttentionRecorder = field(init=False)
+
+    @property
+    def kind(self) -> Task:
+        """The task object of `task` (tasks.registry)."""
+        return get_task(self.task)
 
     def __post_init__(self) -> None:
         self.teacher_recorder = capture.AttentionRecorder({t for _, t in self.plan.pairs}, keep_values=True)
@@ -104,7 +107,7 @@ def load_teacher(recipe: Recipe) -> tuple[torch.nn.Module, object, str, Path]:
         folder, "teacher.path", task=None if recipe.task == "auto" else recipe.task,
         allow_pickle=recipe.teacher.allow_pickle, trust_remote_code=recipe.teacher.trust_remote_code
     )
-    if tokenizer is None:  # image classifiers get their image processor here (vision.load_processor)
+    if tokenizer is None:  # image classifiers get their image processor here (tasks.image.load_processor)
         raise ShdError(f"teacher.path: {folder} has no tokenizer files; add tokenizer.json (or vocab files) to it")
     checks.check_tokenizer_fits(tokenizer, model_shape(teacher.config), "teacher.path")
     return teacher, tokenizer, task, folder
@@ -214,18 +217,9 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     t_shape = model_shape(teacher.config)
     checks.check_positions(recipe.data.seq_len, t_shape, "teacher")
 
-    world = distributed.info().world
-    if task == IMAGE_CLASSIFICATION:
-        from shdcli.vision import train_val_data
-
-        train_blocks, val = train_val_data(recipe, tokenizer, teacher.config)
-    else:
-        packed = task == CAUSAL_LM
-        with distributed.main_first():  # rank 0 tokenises into the cache, the other ranks then read it
-            train_blocks, val_blocks = load_blocks(recipe.data, tokenizer, packed, recipe.train.seed, world)
-        # Validation batches are global (batch_size * world rows); validate() gives each rank its share.
-        val = eval_batches(val_blocks, recipe.data.batch_size * world, recipe.data.val_batches)
-        val = [b for b in val if len(b["input_ids"]) >= world]  # every rank needs rows (FSDP: every rank runs)
+    kind = get_task(task)
+    # Validation batches are global (batch_size * world rows); validate() gives each rank its share.
+    train_blocks, val = kind.training_data(recipe, tokenizer, teacher.config, distributed.info().world)
 
     if recipe.data.ood_eval:  # read now: a missing corpus must not fail the run after training
         ood_heldout(recipe.data.ood_eval)
@@ -234,20 +228,10 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     if recipe.student.lora is not None:
         if recipe.train.strategy == "fsdp" and distributed.env_info().enabled:
             raise ShdError("student.lora: LoRA students train with train.strategy=ddp (adapters are small); set it")
-        from shdcli.lora import apply_lora
-
         student = apply_lora(student, recipe.student.lora)
     s_shape = model_shape(student.config)
     checks.check_positions(recipe.data.seq_len, s_shape, "student")
-    use_logit = recipe.distill.logit > 0 and task in (CAUSAL_LM, IMAGE_CLASSIFICATION)
-    if task == IMAGE_CLASSIFICATION and use_logit and student.config.num_labels != teacher.config.num_labels:
-        raise ShdError(f"distill.logit: teacher has {teacher.config.num_labels} classes, student "
-                       f"{student.config.num_labels}; give a student with the teacher's classes or set distill.logit=0")
-    if use_logit and s_shape.vocab != t_shape.vocab:
-        raise ShdError(
-            f"distill.logit: teacher vocabulary ({t_shape.vocab}) and student vocabulary ({s_shape.vocab}) differ, "
-            "so logits cannot be compared; set distill.logit=0 to train without logit KD"
-        )
+    use_logit = kind.uses_logit_kd(recipe.distill, teacher, student)
 
     for model in (teacher, student):
         capture.enable(model)
@@ -261,12 +245,12 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
         # In place (same module, same state_dict keys). Capture still works: dynamo runs the recorder's
         # Python side effects (tests/test_perf_quick.py); step_losses fails clearly if a layer goes missing.
         student.compile()
-    student = distributed.wrap_student(student, recipe.train.strategy, device, amp_dtype, encoder=task != CAUSAL_LM)
+    blocks = list(decoder_layers(student)) if recipe.train.strategy == "fsdp" else None
+    student = distributed.wrap_student(student, recipe.train.strategy, device, amp_dtype,
+                                       encoder=kind.ddp_find_unused, blocks=blocks)
     bases = feature_bases(teacher, plan)
     projector = None
     if recipe.distill.target == "projector" and recipe.distill.shd > 0:
-        from shdcli.baselines import make_projector
-
         projector = make_projector(plan, model_shape(teacher.config).heads, s_shape.heads).to(device)
     return Setup(recipe, device, amp_dtype, teacher, student, tokenizer, task, plan, bases, train_blocks, val,
                  use_logit, projector, derivation)
@@ -274,7 +258,7 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
 
 def calibration_batches(blocks, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
     """The first distill.calibration_batches training batches (a fixed, seeded draw; never validation),
-    from TokenBlocks or, for image classifiers, a vision.ImageSet (pixels only: labels are not inputs)."""
+    from TokenBlocks or, for image classifiers, a tasks.image.ImageSet (pixels only: labels are not inputs)."""
     stream = BatchStream(blocks, recipe.data.batch_size, recipe.train.seed)
     n = min(recipe.distill.calibration_batches, math.ceil(len(blocks) / recipe.data.batch_size))
     return [{k: v for k, v in stream.next().items() if k != "labels"} for _ in range(max(1, n))]
@@ -293,23 +277,10 @@ def teacher_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def feature_bases(teacher: torch.nn.Module, plan: Plan) -> dict[int, list[torch.Tensor] | None]:
-    """Per mapped teacher layer, the groups' reduced W_O bases (X_h = V_h W_O[h], see shd.py)."""
-    head_dim = model_shape(teacher.config).head_dim
-    return {
-        t: group_feature_bases(output_projection(teacher, t).detach().float(), groups, head_dim)
-        for (_, t), groups in zip(plan.pairs, plan.groups)
-    }
-
-
 def autocast(setup: Setup):
     if setup.amp_dtype is None:
         return nullcontext()
     return torch.autocast(device_type=setup.device.type, dtype=setup.amp_dtype)
-
-
-def channels_match(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor, channels: list[int]) -> bool:
-    return teacher_hidden.shape[-1] > student_hidden.shape[-1] == len(channels)
 
 
 def teacher_forward(setup: Setup, batch: dict[str, torch.Tensor]):
@@ -336,34 +307,20 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor],
     terms_out, if given, receives the weighted terms with grad (balance.weighted_terms) for train_step."""
     d = setup.recipe.distill
     fraction = balance.shd_fraction(d, setup.step, setup.recipe.train.max_steps)
-    mask = batch.get("attention_mask")  # None for images: no padding, every row (CLS included) counts
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    fused = setup.task == CAUSAL_LM and d.logit_impl == "fused"  # both heads skipped: final hidden states instead
+    kind = setup.kind
+    # ---- forwards (both output heads skipped when the task computes them inside its loss)
+    row_mask = kind.row_mask(batch)  # None: every row counts (images: no padding, CLS included)
+    inputs = kind.inputs(batch)
+    fused = kind.fuses_heads(d)
     with fused_logits.bypass_heads(setup.teacher, enabled=fused):
         t_out, t_records = teacher_forward(setup, inputs)
     with setup.student_recorder.active(), autocast(setup), fused_logits.bypass_heads(setup.student, enabled=fused):
         s_out = setup.student(**inputs)
         s_records = dict(setup.student_recorder.records)
-    parts: dict[str, torch.Tensor] = {}
-    if setup.task == IMAGE_CLASSIFICATION:
-        from shdcli.vision import classification_losses
-
-        parts = classification_losses(s_out.logits, t_out.logits, batch["labels"], setup.use_logit, d.logit_temperature)
-    elif fused:
-        parts.update(fused_logits.causal_lm_parts(setup.student, s_out, setup.teacher, t_out, batch["input_ids"], mask,
-                                                  d, setup.use_logit))
-    elif setup.task == CAUSAL_LM:
-        parts["task"] = causal_lm_loss(s_out.logits, batch["input_ids"], mask)
-        if setup.use_logit:
-            parts["logit"] = logit_kd_loss(s_out.logits, t_out.logits, mask, d.logit_temperature, kind=d.logit_loss,
-                                           beta=d.jsd_beta)
-    else:
-        t_hidden = t_out.last_hidden_state  # [B, N, D_t]
-        channels = setup.derivation.channels if setup.derivation is not None else None
-        if channels is not None and channels_match(t_hidden, s_out.last_hidden_state, channels):
-            # A width-pruned student started as the teacher on its kept channels: match it there.
-            t_hidden = t_hidden[..., channels]
-        parts["task"] = embedding_loss(s_out.last_hidden_state, t_hidden, mask)
+    # ---- the task's parts (task loss, logit KD)
+    channels = setup.derivation.channels if setup.derivation is not None else None
+    parts = kind.losses(Forwards(setup.student, setup.teacher, s_out, t_out, batch, d, setup.use_logit, channels))
+    # ---- the attention part
     weights = {}
     if d.shd > 0:
         missing = [i for i, _ in setup.plan.pairs if i not in s_records]
@@ -376,21 +333,20 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor],
     # A schedule at 0: the term is still measured, without a graph (nothing to back-propagate).
     with torch.no_grad() if fraction == 0 else nullcontext():
         if d.shd > 0 and d.target == "relations":
-            parts["shd"] = relation_loss(t_records, s_records, setup.plan.pairs, None if mask is None else mask.bool(),
-                                         d.relation_heads, d.chunk_rows)
+            parts["shd"] = relation_loss(t_records, s_records, setup.plan.pairs, row_mask, d.relation_heads,
+                                         d.chunk_rows)
         elif d.shd > 0 and d.target != "squeeze":
-            from shdcli.baselines import attention_target_loss
-
-            parts["shd"] = attention_target_loss(setup, t_records, s_records, mask.bool())
+            parts["shd"] = attention_target_loss(d.target, t_records, s_records, setup.plan.pairs, setup.plan.groups,
+                                                 row_mask, d.temperature, d.attn_loss, setup.projector)
         elif d.shd > 0:
             result = shd_loss(
-                t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases,
-                None if mask is None else mask.bool(),
+                t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases, row_mask,
                 alpha=d.alpha, kind=d.attn_loss, tau=d.temperature, impl=d.impl, chunk_rows=d.chunk_rows,
                 budget_bytes=d.chunk_memory_mb * 2**20,
             )
             parts["shd"] = result.loss
             weights = result.weights
+    # ---- weighted (balance, schedule)
     terms = balance.weighted_terms(parts, {"task": d.task, "logit": d.logit}, fraction, d.balance)
     shown = dict(terms)
     if d.balance == "grad" and "shd" in terms:  # its real scale is set in backward; value: the last one
@@ -410,8 +366,7 @@ def validate(setup: Setup) -> dict[str, float]:
     for batch in setup.val_batches:
         batch = {k: v.to(setup.device) for k, v in distributed.rank_rows(batch).items()}
         total, parts, _ = step_losses(setup, batch)
-        n = float(batch["attention_mask"][:, 1:].sum()) if setup.task == CAUSAL_LM else float(
-            len(next(iter(batch.values()))))
+        n = setup.kind.batch_weight(batch)
         for k, v in {**parts, "total": total.detach()}.items():
             sums[k] = sums.get(k, 0.0) + float(v) * n
         tokens += n
@@ -419,12 +374,7 @@ def validate(setup: Setup) -> dict[str, float]:
     sums = distributed.all_reduce_sum({**sums, "_tokens": tokens}, setup.device)
     tokens = sums.pop("_tokens")
     out = {f"val_{k}": v / max(tokens, 1.0) for k, v in sums.items()}
-    if setup.task == CAUSAL_LM:
-        out["val_perplexity"] = math.exp(min(out["val_task"], 700.0))
-    if setup.task == IMAGE_CLASSIFICATION:
-        from shdcli.vision import accuracy_metrics
-
-        out["val_top1"] = accuracy_metrics(setup.student, setup.val_batches, setup.device)["top1"]
+    out.update(setup.kind.validation_extras(setup.student, setup.val_batches, setup.device, out))
     return out
 
 
@@ -557,7 +507,7 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
             if per_part:
                 # The fused logit loss holds one gradient for task + logit KD together: back-propagate them as
                 # one term there (its norm is logged as grad_norm_rest).
-                split = measure and not (setup.task == CAUSAL_LM and d.logit_impl == "fused")
+                split = measure and not setup.kind.fuses_heads(d)
                 norms, scale = balance.backward_terms(terms if split else balance.merge_rest(terms), params,
                                                       n_student, d.balance, fraction, accum,
                                                       part_grads if accum > 1 and measure else None)
@@ -588,13 +538,50 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
     return parts_sum, grad_norm, weights, tokens
 
 
+@dataclass
+class Run:
+    """A run between setup and outputs: the prepared Setup, its data stream, optimizer and schedule, the
+    RunState the loop accumulates, and where checkpoints go."""
+
+    setup: Setup
+    stream: BatchStream
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    state: RunState
+    root: Path  # checkpoints/
+    fingerprint: str  # of the recipe fields a resumed run must share
+    # DDP replicas are identical: rank 0 writes, every rank reads. FSDP2 shards would need a collective
+    # (distributed) checkpoint, which is not implemented: such runs keep only their final student.
+    can_checkpoint: bool
+    is_main: bool
+
+    def save(self, where: dict | None = None) -> Path | None:
+        """A checkpoint of the current step (stream position `where`, default: now); every rank waits."""
+        where = where or checkpoint.position(self.stream)
+        folder = None
+        if self.can_checkpoint and self.is_main:
+            folder = checkpoint.save(self.root, self.state.step, self.fingerprint,
+                                     distributed.unwrap(self.setup.student), self.optimizer, self.scheduler, where,
+                                     self.state.state_dict(), self.setup.recipe.train.keep_checkpoints)
+        distributed.barrier()
+        return folder
+
+
 def run_distillation(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool = False) -> dict:
     """`shd distill`: prepare, train (from the newest checkpoint with resume), write student/ + metrics + report."""
     t_start = time.perf_counter()
-    out_dir = Path(recipe.output_dir)
     dist_info = distributed.init(recipe.train.device)  # no-op outside torchrun
     if not dist_info.is_main:
         console = Console(quiet=True)
+    run = open_run(recipe, console, resume, overwrite, dist_info)
+    setup_s = time.perf_counter() - t_start
+    train_loop(run, console)
+    return write_outputs(run, setup_s, t_start, dist_info)
+
+
+def open_run(recipe: Recipe, console: Console, resume: bool, overwrite: bool, dist_info) -> Run:
+    """Setup phase: check the output folder, prepare the models and plan, show them, claim the folder, and
+    restore the newest checkpoint (resume) or measure the student at step 0."""
     resume_from = checkpoint.check_output_dir(recipe, resume, overwrite)  # before the slow part: fail fast
     setup = prepare(recipe, console)
     t_params, s_params = count_parameters(setup.teacher), count_parameters(distributed.unwrap(setup.student))
@@ -607,79 +594,77 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
     if dist_info.is_main:
         checkpoint.claim_output_dir(recipe, overwrite)
     distributed.barrier()
-    setup_s = time.perf_counter() - t_start
 
-    # Text (TokenBlocks) and images (vision.ImageSet) are both row sets a BatchStream serves.
+    # Text (TokenBlocks) and images (tasks.image.ImageSet) are both row sets a BatchStream serves.
     stream = BatchStream(setup.train_blocks, recipe.data.batch_size, recipe.train.seed, dist_info.rank, dist_info.world)
     optimizer = make_optimizer(setup.student, recipe, setup.projector)
-    scheduler = make_scheduler(optimizer, recipe)
-    run = RunState()
-    root, fingerprint = checkpoint.checkpoint_root(recipe), recipe.fingerprint()
-    # DDP replicas are identical: rank 0 writes, every rank reads. FSDP2 shards would need a collective
-    # (distributed) checkpoint, which is not implemented: such runs keep only their final student.
-    can_checkpoint = not distributed.is_sharded(setup.student)
-    if resume_from is not None and not can_checkpoint:
+    run = Run(setup, stream, optimizer, make_scheduler(optimizer, recipe), RunState(),
+              checkpoint.checkpoint_root(recipe), recipe.fingerprint(), not distributed.is_sharded(setup.student),
+              dist_info.is_main)
+    if resume_from is not None and not run.can_checkpoint:
         raise ShdError("--resume: checkpoints are not supported with train.strategy=fsdp; use ddp to resume runs")
-
-    def save(where: dict | None = None) -> Path | None:
-        where = where or checkpoint.position(stream)
-        folder = None
-        if can_checkpoint and dist_info.is_main:
-            folder = checkpoint.save(root, run.step, fingerprint, distributed.unwrap(setup.student), optimizer,
-                                     scheduler, where, run.state_dict(), recipe.train.keep_checkpoints)
-        distributed.barrier()
-        return folder
-
     if resume_from is not None:  # the one place a run is restored
-        run.load_state_dict(checkpoint.load(resume_from, fingerprint, distributed.unwrap(setup.student), optimizer,
-                                            scheduler, stream))
-        console.print(f"resumed from {resume_from} (step {run.step} of {recipe.train.max_steps})")
-    else:
-        if resume:
-            console.print(f"nothing to resume in {out_dir}: starting at step 0")
-        run.validation.append({"step": 0, **validate(setup)})
-        console.print("validation at step 0: " + _fmt_losses(run.validation[-1]))
-        # The student at init, scored like the final student (size and speed are the same: not re-timed).
-        run.init_eval = _final_eval(setup, run.validation[0], speed=False)
+        run.state.load_state_dict(checkpoint.load(resume_from, run.fingerprint, distributed.unwrap(setup.student),
+                                                  optimizer, run.scheduler, stream))
+        console.print(f"resumed from {resume_from} (step {run.state.step} of {recipe.train.max_steps})")
+        return run
+    if resume:
+        console.print(f"nothing to resume in {recipe.output_dir}: starting at step 0")
+    run.state.validation.append({"step": 0, **validate(setup)})
+    console.print("validation at step 0: " + _fmt_losses(run.state.validation[-1]))
+    # The student at init, scored like the final student (size and speed are the same: not re-timed).
+    run.state.init_eval = _final_eval(setup, run.state.validation[0], speed=False)
+    return run
 
-    t_train, train_s_before = time.perf_counter(), run.train_s
+
+def train_loop(run: Run, console: Console) -> None:
+    """Loop phase: optimizer steps to train.max_steps with progress, validation and checkpoints; a signal
+    saves and raises checkpoint.Interrupted, a non-finite loss saves the last good state and stops."""
+    setup, state, recipe = run.setup, run.state, run.setup.recipe
+    t_train, train_s_before = time.perf_counter(), state.train_s
     max_steps = recipe.train.max_steps
     norms: dict[str, float] = {}  # the progress line's last per-part gradient norms (gn_task, gn_logit, gn_shd)
     with checkpoint.StopOnSignal() as stop, _progress(console) as progress:
-        task_id = progress.add_task("distill", total=max_steps, completed=run.step, losses="", speed="")
-        while run.step < max_steps:
-            before = checkpoint.position(stream)  # the state to save if this step goes bad
-            setup.step = run.step
+        task_id = progress.add_task("distill", total=max_steps, completed=state.step, losses="", speed="")
+        while state.step < max_steps:
+            before = checkpoint.position(run.stream)  # the state to save if this step goes bad
+            setup.step = state.step
             try:
-                parts, grad_norm, weights, tokens = train_step(setup, stream, optimizer, scheduler)
+                parts, grad_norm, weights, tokens = train_step(setup, run.stream, run.optimizer, run.scheduler)
             except NonFinite as bad:
-                folder = save(before)
+                folder = run.save(before)
                 where = "the gradient" if bad.part == "gradient" else f"loss part {bad.part!r}"
                 raise ShdError(
-                    f"{where} became {bad.value} at step {run.step + 1}; stopped and saved the last good state "
-                    f"(step {run.step}) to {folder}; lower train.lr (now {recipe.train.lr:g}) or the distill "
+                    f"{where} became {bad.value} at step {state.step + 1}; stopped and saved the last good state "
+                    f"(step {state.step}) to {folder}; lower train.lr (now {recipe.train.lr:g}) or the distill "
                     "weights, then run again with --overwrite"
                 ) from None
-            run.step += 1
-            run.tokens_seen += tokens
+            state.step += 1
+            state.tokens_seen += tokens
             for w in weights:
-                run.stats.add(w)
-            run.train_s = train_s_before + time.perf_counter() - t_train
-            run.history.append({"step": run.step, **parts, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                "time_s": run.train_s})
+                state.stats.add(w)
+            state.train_s = train_s_before + time.perf_counter() - t_train
+            state.history.append({"step": state.step, **parts, "lr": run.scheduler.get_last_lr()[0],
+                                  "grad_norm": grad_norm, "time_s": state.train_s})
             if any(k.startswith("grad_norm_") for k in parts):  # keep the last measured part norms in view
                 norms = {"gn_" + k[len("grad_norm_"):]: v for k, v in parts.items() if k.startswith("grad_norm_")}
             shown = {k: v for k, v in parts.items() if not k.startswith("grad_norm_")}
             progress.update(task_id, advance=1, losses=_fmt_losses({**shown, **norms}),
-                            speed=f"{run.tokens_seen / max(run.train_s, 1e-9):.0f} tok/s")
-            if run.step % recipe.train.eval_every == 0 or run.step == max_steps:
-                run.validation.append({"step": run.step, **validate(setup)})
-                progress.console.print(f"validation at step {run.step}: " + _fmt_losses(run.validation[-1]))
-            if run.step % recipe.train.save_every == 0 or run.step == max_steps or stop.signum is not None:
-                folder = save()
+                            speed=f"{state.tokens_seen / max(state.train_s, 1e-9):.0f} tok/s")
+            if state.step % recipe.train.eval_every == 0 or state.step == max_steps:
+                state.validation.append({"step": state.step, **validate(setup)})
+                progress.console.print(f"validation at step {state.step}: " + _fmt_losses(state.validation[-1]))
+            if state.step % recipe.train.save_every == 0 or state.step == max_steps or stop.signum is not None:
+                folder = run.save()
             if stop.signum is not None:
-                raise checkpoint.Interrupted(stop.signum, run.step, folder)
+                raise checkpoint.Interrupted(stop.signum, state.step, folder)
 
+
+def write_outputs(run: Run, setup_s: float, t_start: float, dist_info) -> dict:
+    """Output phase: the student folder (with its plan, sentence-transformers files, LoRA adapter), the
+    final evaluation, metrics.json, report.md and the model card."""
+    setup, state, recipe = run.setup, run.state, run.setup.recipe
+    out_dir = Path(recipe.output_dir)
     student_dir = out_dir / "student"
     plan_dict = setup.plan.to_dict()
     extra = {"shd_plan.json": json.dumps(plan_dict, indent=2)}
@@ -688,28 +673,27 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
                                              distributed.unwrap(setup.student).config)[0])
     to_save = distributed.model_for_saving(setup.student)  # collective under FSDP; None off rank 0
     if to_save is not None and recipe.student.lora is not None:
-        from shdcli.lora import save_lora_student  # merged student + lora/adapter + lora/base
-
-        save_lora_student(to_save, setup.tokenizer, student_dir, extra)
+        save_lora_student(to_save, setup.tokenizer, student_dir, extra)  # merged + lora/adapter + lora/base
     elif to_save is not None:
         save_model_folder(to_save, setup.tokenizer, student_dir, extra)
-    final = _final_eval(setup, run.validation[-1], student_dir)
+    final = _final_eval(setup, state.validation[-1], student_dir)
     metrics = {
         "recipe": recipe.resolved(),
         "plan": plan_dict,
         "student_dir": str(student_dir),
-        "steps_done": run.step,
-        "history": run.history,
-        "validation": run.validation,
-        "init_eval": run.init_eval,
+        "steps_done": state.step,
+        "history": state.history,
+        "validation": state.validation,
+        "init_eval": state.init_eval,
         "final_eval": final,
         "derivation": setup.derivation.to_dict() if setup.derivation is not None else None,
-        "alphas": run.stats.summary(),
+        "alphas": state.stats.summary(),
         "sizes": {"teacher_params": count_parameters(setup.teacher),
                   "student_params": count_parameters(setup.student),
                   "student_trainable_params": sum(p.numel() for p in setup.student.parameters() if p.requires_grad)},
-        "timings": {"setup_s": setup_s, "train_s": run.train_s,
-                    "tokens_per_s": run.tokens_seen / max(run.train_s, 1e-9), "total_s": time.perf_counter() - t_start},
+        "timings": {"setup_s": setup_s, "train_s": state.train_s,
+                    "tokens_per_s": state.tokens_seen / max(state.train_s, 1e-9),
+                    "total_s": time.perf_counter() - t_start},
         "device": str(setup.device),
         "distributed": {"world_size": dist_info.world,
                         "strategy": recipe.train.strategy if dist_info.enabled else None},
@@ -725,21 +709,17 @@ def run_distillation(recipe: Recipe, console: Console, resume: bool = False, ove
 
 def _final_eval(setup: Setup, last_val: dict[str, float], student_dir: Path | None = None,
                 speed: bool = True) -> dict[str, float]:
-    """The last validation, plus what `shd eval` reports for this student (evaluate.final_evaluation)."""
-    from shdcli.evaluate import final_evaluation, perplexity
-
+    """The last validation, the task's numbers on the run's validation batches, and (text tasks) what
+    `shd eval` reports for this student (evaluate.final_evaluation)."""
     out = dict(last_val)
-    if setup.task == IMAGE_CLASSIFICATION:
-        from shdcli.vision import accuracy_metrics
-
-        setup.student.eval()
-        for role, model in (("student", setup.student), ("teacher", setup.teacher)):
-            out.update({f"{role}_{k}": v for k, v in accuracy_metrics(model, setup.val_batches, setup.device).items()})
-        setup.student.train()
-        return out
-    if setup.task == CAUSAL_LM:  # same packed validation blocks as val_perplexity, for a like-for-like number
-        out["teacher_val_perplexity"] = perplexity(setup.teacher, setup.val_batches, setup.device)["perplexity"]
-    out.update(final_evaluation(setup, student_dir, speed))
+    was_training = setup.student.training
+    setup.student.eval()
+    try:
+        out.update(setup.kind.run_metrics(setup.student, setup.teacher, setup.val_batches, setup.device))
+    finally:
+        setup.student.train(was_training)
+    if setup.kind.text:
+        out.update(final_evaluation(setup, student_dir, speed))
     return out
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from shdcli.models import load_model
+from shdcli.tasks.registry import load_model
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank today.",

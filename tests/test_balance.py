@@ -1,4 +1,4 @@
-"""SHD weight schedule, loss balancing (value / grad) and per-part gradient norms (shdcli/balance.py),
+"""SHD weight schedule, loss balancing (value / grad) and per-part gradient norms (shdcli/attention/balance.py),
 against slow references that run one forward and one backward per part."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from shdcli import balance
+from shdcli.attention import balance
 from shdcli.errors import ShdError
 
 
@@ -140,7 +140,7 @@ def _setup(tiny_models, tiny_text, **distill):
 
 @pytest.mark.parametrize("every", [1, 0])  # 0: the rest in one backward, no part norms logged
 def test_train_step_grad_balance_against_per_part_forwards(tiny_models, tiny_text, every):
-    from shdcli.data import BatchStream
+    from shdcli.tasks.data import BatchStream
     from shdcli.train import make_optimizer, make_scheduler, step_losses, train_step
 
     recipe, setup = _setup(tiny_models, tiny_text, balance="grad", shd=0.2)
@@ -198,8 +198,8 @@ def test_distill_run_logs_part_norms_every_n_steps_and_follows_the_schedule(tiny
 def test_part_norms_cover_the_whole_accumulated_step(tiny_models, tiny_text):
     from rich.console import Console
 
-    from shdcli.data import BatchStream
     from shdcli.recipe import validate_recipe
+    from shdcli.tasks.data import BatchStream
     from shdcli.train import make_optimizer, make_scheduler, prepare, step_losses, train_step
 
     recipe, _ = _setup(tiny_models, tiny_text)

@@ -1,4 +1,4 @@
-"""q/k/v capture through AttentionInterface (shdcli/capture.py) on tiny BERT, GPT-2 and Llama-GQA.
+"""q/k/v capture through AttentionInterface (shdcli/attention/capture.py) on tiny BERT, GPT-2 and Llama-GQA.
 
 The reference for the maps is transformers' own eager attention (output_attentions=True) on the
 same weights: rebuilt maps must match it on every real query row, with padding and causality.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shdcli import capture, shd
-from shdcli.models import model_shape
+from shdcli.attention import capture, shd
+from shdcli.models.families import model_shape
 from tests.helpers import load_tiny, make_batch
 
 FAMILIES = ["bert", "gpt2", "llama"]

@@ -8,15 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from shdcli.data import (
-    _is_validation,
-    _pack,
-    _per_document,
-    iter_documents,
-    read_documents,
-    stream_blocks,
-)
 from shdcli.errors import ShdError
+from shdcli.tasks.data import _is_validation, _pack, _per_document, iter_documents, read_documents, stream_blocks
 from tests.tiny import make_tokenizer, write_text
 
 
@@ -92,7 +85,7 @@ def test_cache_is_reused_and_rebuilt_when_the_source_changes(tmp_path, docs, tok
     args = ("text", tokenizer, 16, True, 0, 0.1, 8)
     first, _ = stream_blocks(str(path), *args)
     calls = []
-    import shdcli.data as data
+    import shdcli.tasks.data as data
 
     real = data._build_stream_cache
     monkeypatch.setattr(data, "_build_stream_cache", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from shdcli import distributed
-from shdcli.data import BatchStream, TokenBlocks
+from shdcli.tasks.data import BatchStream, TokenBlocks
 from tests.conftest import ROOT
 from tests.tiny import make_tiny, write_text
 

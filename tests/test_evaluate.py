@@ -13,7 +13,8 @@ from rich.console import Console
 
 from shdcli import evaluate
 from shdcli.evaluate import EvalModel, EvalOptions, HeldOut
-from shdcli.models import load_model
+from shdcli.tasks import causal_lm, encoder
+from shdcli.tasks.registry import load_model
 from tests.conftest import run_cli, run_main
 from tests.tiny import make_tiny
 
@@ -49,8 +50,8 @@ def test_perplexity_of_uniform_logits_is_the_vocabulary_size():
     model = BigramLM(torch.zeros(7, 7))
     ids = torch.randint(0, 7, (2, 9), generator=torch.Generator().manual_seed(0))
     batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
-    assert evaluate.perplexity(model, batches, "cpu")["perplexity"] == pytest.approx(7.0)
-    out = evaluate.sliding_perplexity(model, ids.flatten(), window=5, stride=3, device="cpu")
+    assert causal_lm.perplexity(model, batches, "cpu")["perplexity"] == pytest.approx(7.0)
+    out = causal_lm.sliding_perplexity(model, ids.flatten(), window=5, stride=3, device="cpu")
     assert out["perplexity"] == pytest.approx(7.0) and out["tokens"] == ids.numel() - 1
 
 
@@ -63,7 +64,7 @@ def test_perplexity_of_known_logits_matches_reference_and_skips_padding():
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    out = evaluate.perplexity(model, [{"input_ids": ids, "attention_mask": mask}], "cpu")
+    out = causal_lm.perplexity(model, [{"input_ids": ids, "attention_mask": mask}], "cpu")
     nll = sum(math.log(ref_bigram_ppl(table, s)) * (len(s) - 1) for s in seqs)
     assert out["tokens"] == 7
     assert out["perplexity"] == pytest.approx(math.exp(nll / 7), rel=1e-5)
@@ -75,14 +76,14 @@ def test_sliding_perplexity_scores_every_token_once(window, stride, batch):
     # token exactly once gives the whole stream's perplexity.
     table = torch.randn(13, 13, generator=torch.Generator().manual_seed(2)) * 2
     ids = torch.randint(0, 13, (23,), generator=torch.Generator().manual_seed(3))
-    out = evaluate.sliding_perplexity(BigramLM(table), ids, window, stride, "cpu", batch_size=batch)
+    out = causal_lm.sliding_perplexity(BigramLM(table), ids, window, stride, "cpu", batch_size=batch)
     assert out["tokens"] == 22
     assert out["perplexity"] == pytest.approx(ref_bigram_ppl(table, ids.tolist()), rel=1e-5)
 
 
 @pytest.mark.parametrize("total,window,stride", [(2, 2, 1), (10, 3, 1), (10, 4, 3), (17, 6, 5), (9, 20, 10)])
 def test_window_spans_cover_each_position_once_with_context(total, window, stride):
-    spans = evaluate.window_spans(total, window, stride)
+    spans = causal_lm.window_spans(total, window, stride)
     scored = [p for begin, end, first in spans for p in range(first, end)]
     assert sorted(scored) == list(range(1, total))
     for i, (begin, end, first) in enumerate(spans):
@@ -94,25 +95,25 @@ def test_window_spans_cover_each_position_once_with_context(total, window, strid
 def test_sliding_equals_full_window_when_the_window_covers_the_text(tiny_models):
     model, _, _ = load_model(tiny_models["gpt2"], "MODEL")
     ids = torch.randint(4, 300, (37,), generator=torch.Generator().manual_seed(4))
-    full = evaluate.perplexity(model, [{"input_ids": ids[None], "attention_mask": torch.ones(1, 37, dtype=torch.long)}],
-                               "cpu")
-    sliding = evaluate.sliding_perplexity(model, ids, window=64, stride=32, device="cpu")
+    whole = [{"input_ids": ids[None], "attention_mask": torch.ones(1, 37, dtype=torch.long)}]
+    full = causal_lm.perplexity(model, whole, "cpu")
+    sliding = causal_lm.sliding_perplexity(model, ids, window=64, stride=32, device="cpu")
     assert sliding["tokens"] == full["tokens"] == 36
     assert sliding["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5)
     # With short windows the context is cut, so a real model's number moves (the test can fail).
-    short = evaluate.sliding_perplexity(model, ids, window=4, stride=3, device="cpu")
+    short = causal_lm.sliding_perplexity(model, ids, window=4, stride=3, device="cpu")
     assert short["perplexity"] != pytest.approx(full["perplexity"], rel=1e-6)
 
 
 # =========================================================================== correlations
 def test_rank_average_and_spearman():
-    assert evaluate.rank_average(torch.tensor([3.0, 1.0, 2.0, 2.0])).tolist() == [4.0, 1.0, 2.5, 2.5]
+    assert encoder.rank_average(torch.tensor([3.0, 1.0, 2.0, 2.0])).tolist() == [4.0, 1.0, 2.5, 2.5]
     a = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     b = torch.tensor([2.0, 1.0, 4.0, 3.0, 6.0, 5.0])
     d2 = sum((x - y) ** 2 for x, y in zip([1, 2, 3, 4, 5, 6], [2, 1, 4, 3, 6, 5]))
-    assert evaluate.spearman(a, b) == pytest.approx(1 - 6 * d2 / (6 * 35))
-    assert evaluate.spearman(a, a.exp()) == pytest.approx(1.0)
-    assert evaluate.spearman(a, -a) == pytest.approx(-1.0)
+    assert encoder.spearman(a, b) == pytest.approx(1 - 6 * d2 / (6 * 35))
+    assert encoder.spearman(a, a.exp()) == pytest.approx(1.0)
+    assert encoder.spearman(a, -a) == pytest.approx(-1.0)
 
 
 # =========================================================================== models against themselves
@@ -137,8 +138,8 @@ def test_attention_fidelity_is_zero_for_itself_and_positive_for_another_model(ti
     teacher, tokenizer, _ = load_model(tiny_models["llama"], "MODEL")
     same, _, _ = load_model(tiny_models["llama"], "MODEL")
     other, _, _ = load_model(make_tiny("llama", tmp_path / "other", layers=2, heads=3, kv_heads=1, seed=5), "MODEL")
-    from shdcli.mapping import make_plan
-    from shdcli.models import model_shape
+    from shdcli.models.families import model_shape
+    from shdcli.models.mapping import make_plan
 
     ids = torch.randint(4, 300, (4, 20), generator=torch.Generator().manual_seed(6))
     batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]

@@ -1,4 +1,4 @@
-"""Fused LM head + CE + logit KD (shdcli/fused_logits.py) against a slow reference on full logits.
+"""Fused LM head + CE + logit KD (shdcli/attention/fused_logits.py) against a slow reference on full logits.
 
 The reference below is written here with plain F.log_softmax on whole [B, N, V] logits and autograd,
 sharing no code with the fused path (nor with losses.py's naive path, which the end-to-end test uses).
@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from shdcli.attention.fused_logits import FusedSpec, Head, bypass_heads, final_hidden, fused_lm_losses, next_token_nll
 from shdcli.errors import ShdError
-from shdcli.fused_logits import FusedSpec, Head, bypass_heads, final_hidden, fused_lm_losses, next_token_nll
 from tests.test_distributed import no_dropout_gpt2  # noqa: F401, F811 - fixture
 
 
@@ -215,7 +215,7 @@ def test_next_token_nll_equals_full_logits():
 
 
 def test_forward_in_row_chunks_runs_the_model_and_keeps_no_logits():
-    from shdcli.fused_logits import forward_in_row_chunks
+    from shdcli.attention.fused_logits import forward_in_row_chunks
 
     model = _tiny_llama(False).eval()
     ids = torch.randint(0, 61, (2, 10))
@@ -236,7 +236,7 @@ def test_distill_fused_and_naive_give_the_same_losses(tmp_path, monkeypatch):
     distill.logit_impl fused and naive give the same loss parts, gradient norms and validation."""
     from rich.console import Console
 
-    from shdcli import fused_logits
+    from shdcli.attention import fused_logits
     from shdcli.recipe import validate_recipe
     from shdcli.train import run_distillation
     from tests.tiny import make_tiny, write_text
@@ -293,7 +293,7 @@ def test_fsdp_two_ranks_fused_match_one_process_naive(tmp_path, no_dropout_gpt2)
 
 
 def test_one_memory_knob_sizes_the_shd_and_the_logit_chunks(monkeypatch):
-    from shdcli import fused_logits, losses
+    from shdcli.attention import fused_logits, losses
     from shdcli.train import step_losses
     from tests.test_perf_quick import load_perf
 

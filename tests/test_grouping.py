@@ -1,4 +1,4 @@
-"""Calibrated head grouping (shdcli/grouping.py): statistics vs direct squeeze math, search
+"""Calibrated head grouping (shdcli/models/grouping.py): statistics vs direct squeeze math, search
 validity and optimality on small cases, permuted copies, determinism, and the training path."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from shdcli import grouping, shd
-from shdcli.capture import LayerRecord
+from shdcli.attention import shd
+from shdcli.attention.capture import LayerRecord
+from shdcli.models import grouping
 
 
 def random_layer(b: int, h: int, n: int, width: int, seed: int, sharp: float = 2.0):
@@ -298,9 +299,9 @@ def test_student_heads_start_from_their_calibrated_groups(tiny_models, tiny_text
     of its own calibrated group (mean query, summed W_O), wherever its heads sit."""
     import functools
 
-    from shdcli.data import load_blocks
-    from shdcli.models import decoder_layers
+    from shdcli.models.families import decoder_layers
     from shdcli.recipe import validate_recipe
+    from shdcli.tasks.data import load_blocks
     from shdcli.train import calibration_batches, load_teacher, make_student
 
     recipe = validate_recipe(tiny_recipe(tiny_models["llama"], tiny_text, tmp_path / "run", heads=4))

@@ -10,9 +10,10 @@ import pytest
 import torch
 from rich.console import Console
 
-from shdcli import heads, shd
-from shdcli.data import read_documents
-from shdcli.models import load_model
+from shdcli import heads
+from shdcli.attention import shd
+from shdcli.tasks.data import read_documents
+from shdcli.tasks.registry import load_model
 from tests.conftest import run_cli, run_main
 
 F64 = torch.float64
@@ -117,7 +118,7 @@ def test_default_heads_is_half_rounded_up():
 def _tie_heads(model, layer: int) -> None:
     """Sharpen every layer's attention (random init attends almost uniformly, so all heads would look
     alike), then make every query head of `layer` attend exactly like head 0 (same q and k; v differs)."""
-    from shdcli.models import attention_params, decoder_layers, model_shape
+    from shdcli.models.families import attention_params, decoder_layers, model_shape
 
     shape = model_shape(model.config)
     with torch.no_grad():

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from shdcli import heads, shd
-from shdcli.models import attention_params, decoder_layers, load_model, model_shape
+from shdcli import heads
+from shdcli.attention import shd
+from shdcli.models.families import attention_params, decoder_layers, model_shape
+from shdcli.tasks.registry import load_model
 from tests.conftest import run_cli, run_main
 from tests.test_vision import save_teacher, write_npz
 

@@ -28,8 +28,8 @@ def test_lora_student_trains_adapters_and_saves_a_merged_student(tmp_path, tiny_
     from rich.console import Console
     from transformers import AutoModelForCausalLM
 
-    from shdcli.data import eval_batches, load_blocks
-    from shdcli.evaluate import perplexity
+    from shdcli.tasks.causal_lm import perplexity
+    from shdcli.tasks.data import eval_batches, load_blocks
     from shdcli.train import calibration_batches, load_teacher, make_student, run_distillation
 
     recipe = _recipe(tiny_models[kind], tiny_text, tmp_path / "run")

@@ -1,4 +1,4 @@
-"""Task, logit-KD and SHD losses (shdcli/losses.py), and the exactness of the reduced W_O bases.
+"""Task, logit-KD and SHD losses (shdcli/attention/losses.py), and the exactness of the reduced W_O bases.
 
 References are loops over samples and tokens; the SHD loss's memory-lean path (row chunks, Gram
 statistics accumulated, checkpointed student chunks) must equal the naive whole-map path in both
@@ -13,18 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shdcli import capture, shd
-from shdcli.capture import LayerRecord
-from shdcli.losses import (
-    causal_lm_loss,
-    embedding_loss,
-    group_features,
-    logit_kd_loss,
-    mean_pool,
-    shd_loss,
-)
-from shdcli.mapping import layer_pairs
-from shdcli.models import build_student, derive_student_config, output_projection
+from shdcli.attention import capture, shd
+from shdcli.attention.capture import LayerRecord
+from shdcli.attention.losses import causal_lm_loss, embedding_loss, group_features, logit_kd_loss, mean_pool, shd_loss
+from shdcli.models.families import derive_student_config, output_projection
+from shdcli.models.mapping import layer_pairs
+from shdcli.students.derive import build_student
 from tests.helpers import load_tiny, make_batch
 
 

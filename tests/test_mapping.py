@@ -1,4 +1,4 @@
-"""Layer pairs, model shapes from family-specific configs, and the distillation plan (shdcli/mapping.py)."""
+"""Layer pairs, model shapes from family-specific configs, and the distillation plan (shdcli/models/mapping.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from rich.console import Console
 from transformers import BertConfig, GPT2Config, LlamaConfig
 
 from shdcli.errors import ShdError
-from shdcli.mapping import Plan, format_groups, layer_pairs, make_plan, plan_table
-from shdcli.models import ModelShape, model_shape
+from shdcli.models.families import ModelShape, model_shape
+from shdcli.models.mapping import Plan, format_groups, layer_pairs, make_plan, plan_table
 
 
 # =========================================================================== layer pairs

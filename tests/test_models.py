@@ -1,4 +1,4 @@
-"""Deriving, building and saving students (shdcli/models.py) for BERT, GPT-2 and Llama-GQA.
+"""Deriving, building and saving students (shdcli/models/families.py) for BERT, GPT-2 and Llama-GQA.
 
 How a student is initialised from its teacher is tested by behaviour in tests/test_student.py.
 """
@@ -8,22 +8,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shdcli import capture, shd
+from shdcli.attention import capture, shd
 from shdcli.errors import ShdError
-from shdcli.mapping import layer_pairs
-from shdcli.models import (
+from shdcli.models.families import (
     ModelShape,
     attention_params,
-    build_student,
     decoder_layers,
     default_kv_heads,
     derive_student_config,
     model_shape,
     output_projection,
-    save_model_folder,
 )
-from shdcli.student import StudentShape, init_from_teacher
-from shdcli.student import derive as derive_keep
+from shdcli.models.mapping import layer_pairs
+from shdcli.models.sources import save_model_folder
+from shdcli.students.derive import StudentShape, build_student, init_from_teacher
+from shdcli.students.derive import derive as derive_keep
 from tests.helpers import load_tiny, make_batch
 
 FAMILIES = ["bert", "gpt2", "llama"]

@@ -1,7 +1,7 @@
 """distill.impl lean vs naive: the same SHD loss, squeeze weights and student gradients (fp32, rtol 1e-4).
 
 The naive path (losses._naive_layer_loss: whole maps, autograd) is the reference; the lean path
-(shdcli/lean.py: row chunks, key prefixes, GQA views, fused student loss) must agree with it on
+(shdcli/attention/lean.py: row chunks, key prefixes, GQA views, fused student loss) must agree with it on
 every mask layout, head layout, chunk size, loss kind and alpha mode. Records are synthetic q/k/v
 with the layouts transformers produces ([B, N, H, d] transposed to [B, H, N, d]).
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shdcli import lean
-from shdcli.capture import LayerRecord
-from shdcli.losses import shd_loss
-from shdcli.shd import group_feature_bases, group_heads
+from shdcli.attention import lean
+from shdcli.attention.capture import LayerRecord
+from shdcli.attention.losses import shd_loss
+from shdcli.attention.shd import group_feature_bases, group_heads
 
 RTOL = 1e-4
 

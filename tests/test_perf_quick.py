@@ -39,7 +39,7 @@ def test_perf_quick_runs_and_asserts_equivalence():
 def test_equivalence_check_catches_a_wrong_gradient(monkeypatch):
     # The quick mode's assertion must be able to fail: scale the lean path's gradients by 1.001.
     perf = load_perf()
-    from shdcli import lean
+    from shdcli.attention import lean
 
     backward = lean._FusedStudentLoss.backward
 

@@ -1,5 +1,5 @@
 """Keeps the quality benchmark's path alive (benchmarks/quality.py --quick on tiny random models) and
-checks its statistics and the attention-KD baselines it compares SHD against (shdcli/baselines.py)."""
+checks its statistics and the attention-KD baselines it compares SHD against (shdcli/attention/baselines.py)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import quality  # noqa: E402
 
-from shdcli.baselines import make_projector, score_mean_targets  # noqa: E402
-from shdcli.capture import LayerRecord  # noqa: E402
-from shdcli.mapping import make_plan  # noqa: E402
-from shdcli.models import ModelShape  # noqa: E402
-from shdcli.shd import attention_maps  # noqa: E402
+from shdcli.attention.baselines import make_projector, score_mean_targets  # noqa: E402
+from shdcli.attention.capture import LayerRecord  # noqa: E402
+from shdcli.attention.shd import attention_maps  # noqa: E402
+from shdcli.models.families import ModelShape  # noqa: E402
+from shdcli.models.mapping import make_plan  # noqa: E402
 
 
 # --------------------------------------------------------------------------- statistics vs closed forms

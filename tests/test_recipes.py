@@ -38,7 +38,7 @@ def test_recipe_runs_on_real_teacher(recipe: Path, tmp_path: Path):
     teacher: list[str] = []
     if recipe.name == "vit_digits.yaml":  # its teacher is trained first, as the recipe's header says (1 epoch here)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        made = subprocess.run([sys.executable, "-m", "shdcli.vision", "make-teacher", str(tmp_path / "vit"),
+        made = subprocess.run([sys.executable, "-m", "shdcli", "make-demo-teacher", "vit-digits", str(tmp_path / "vit"),
                                "--epochs", "1"], capture_output=True, text=True, env=env)
         assert made.returncode == 0, made.stderr[-3000:]
         teacher = ["--set", f"teacher.path={tmp_path / 'vit'}"]

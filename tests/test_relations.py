@@ -1,4 +1,4 @@
-"""MiniLMv2 relation distillation (shdcli/relations.py) against a slow reference that loops over
+"""MiniLMv2 relation distillation (shdcli/attention/relations.py) against a slow reference that loops over
 relation heads and query rows, plus the recipe path (distill.target: relations)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from shdcli.capture import LayerRecord
+from shdcli.attention.capture import LayerRecord
+from shdcli.attention.relations import relation_loss
 from shdcli.errors import ShdError
-from shdcli.relations import relation_loss
 
 
 def reference(t: LayerRecord, s: LayerRecord, key_ok: torch.Tensor, causal: bool, rows: torch.Tensor,

@@ -306,7 +306,8 @@ def test_sigint_stops_at_end_of_step_with_checkpoint(tiny_models, tiny_text, tmp
 
 # --------------------------------------------------------------------------- atomic outputs
 def test_failed_writes_leave_old_files_and_no_temporaries(tmp_path, monkeypatch):
-    from shdcli import models, report
+    from shdcli import report
+    from shdcli.models import sources as models
 
     target = tmp_path / "metrics.json"
     report.write_json_atomic(target, {"old": 1})

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shdcli.mapping import make_plan
-from shdcli.models import model_shape
+from shdcli.models.families import model_shape
+from shdcli.models.mapping import make_plan
 from shdcli.recipe import load_recipe
 
 SCALE = Path(__file__).resolve().parents[1] / "recipes" / "scale"

@@ -1,4 +1,4 @@
-"""Unit tests of shdcli/shd.py against slow, loop-based reference implementations.
+"""Unit tests of shdcli/attention/shd.py against slow, loop-based reference implementations.
 
 Every reference below is written to be obviously correct rather than fast: explicit Python loops
 over batch, heads, rows and keys, and plain torch.sum / matmul on 2-D slices. Shapes are tiny.
@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shdcli import shd
+from shdcli.attention import shd
 
 F64 = torch.float64
 

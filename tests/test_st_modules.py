@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from shdcli.losses import mean_pool
-from shdcli.st_modules import sentence_transformers_files
+from shdcli.attention.losses import mean_pool
+from shdcli.models.st_modules import sentence_transformers_files
 from tests.conftest import run_cli
 from tests.test_cli_e2e import write_recipe
 

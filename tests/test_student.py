@@ -1,4 +1,4 @@
-"""Derived students (student.py, pruning.py): each defect of the old init has a behavioural test.
+"""Derived students (shdcli/students/derive.py, pruning.py): each defect of the old init has a behavioural test.
 
 The references here are brute force: attention scores recomputed from captured q/k, layers removed
 by trying every choice, parameter counts of really built models.
@@ -12,11 +12,14 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
-from shdcli import capture, pruning
+from shdcli.attention import capture
 from shdcli.errors import ShdError
-from shdcli.models import attention_params, build_student, count_parameters, decoder_layers, model_shape
-from shdcli.student import (
+from shdcli.models.families import attention_params, decoder_layers, model_shape
+from shdcli.models.sources import count_parameters
+from shdcli.students import pruning
+from shdcli.students.derive import (
     StudentShape,
+    build_student,
     config_counter,
     derive,
     has_fixed_head_dim,
@@ -125,7 +128,7 @@ def test_fewer_kv_heads_keep_whole_teacher_kv_groups(teachers):
 
 
 def test_calibrated_groups_stay_inside_kv_heads(teachers):
-    from shdcli.grouping import calibrate_teacher
+    from shdcli.models.grouping import calibrate_teacher
 
     teacher = teachers["llama"]
     blocks = {1: [[0, 1, 2], [3, 4, 5]]}

@@ -13,10 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shdcli import capture, models, vision
-from shdcli import student as student_lib
-from shdcli.data import BatchStream
+from shdcli import demo
+from shdcli.attention import capture
 from shdcli.errors import ShdError
+from shdcli.models import families as models
+from shdcli.students import derive as student_lib
+from shdcli.tasks import image as vision
+from shdcli.tasks import registry
+from shdcli.tasks.base import IMAGE_CLASSIFICATION
+from shdcli.tasks.data import BatchStream
 from tests.conftest import run_cli
 
 
@@ -171,7 +176,7 @@ def test_labels_pixels_and_split():
 @pytest.mark.parametrize("kind", ["vit", "deit"])
 def test_vit_task_derivation_and_init(kind):
     teacher = vit_model(kind, heads=12, hidden=48)
-    assert models.task_of(teacher.config) == models.IMAGE_CLASSIFICATION
+    assert registry.task_of(teacher.config) == IMAGE_CLASSIFICATION
     layer = models.decoder_layers(teacher)[0]
     params = models.attention_params(layer)
     assert params.q is layer.attention.q_proj and params.v is layer.attention.v_proj
@@ -183,9 +188,9 @@ def test_vit_task_derivation_and_init(kind):
     config = models.derive_student_config(teacher.config, pairs, heads=4, kv_heads=None, hidden=None, intermediate=None)
     assert (config.num_hidden_layers, config.num_attention_heads) == (2, 4)
     assert (config.image_size, config.patch_size, config.num_labels) == (8, 4, 3)
-    student = models.build_student(teacher, config, models.IMAGE_CLASSIFICATION)
+    student = student_lib.build_student(teacher, config, IMAGE_CLASSIFICATION)
     assert type(student) is type(teacher)
-    kept = student_lib.derive(teacher, models.IMAGE_CLASSIFICATION, student_lib.StudentShape(2, 4, 4, 48, None),
+    kept = student_lib.derive(teacher, IMAGE_CLASSIFICATION, student_lib.StudentShape(2, 4, 4, 48, None),
                               "uniform", "balanced", [])
     layers = models.model_shape(teacher.config).layers
     assert kept.layers == [math.ceil((i + 1) * layers / 2) - 1 for i in range(2)]  # uniform, last aligned
@@ -195,19 +200,19 @@ def test_vit_task_derivation_and_init(kind):
     assert student(pixel_values=x).logits.shape == (2, 3)
     # All heads and layers kept: the derived student is the teacher, output for output.
     full = student_lib.StudentShape(layers, 12, 12, 48, teacher.config.intermediate_size)
-    same = models.build_student(teacher, student_lib.student_config(teacher.config, list(range(layers)), full),
-                                models.IMAGE_CLASSIFICATION).eval()
+    same = student_lib.build_student(teacher, student_lib.student_config(teacher.config, list(range(layers)), full),
+                                IMAGE_CLASSIFICATION).eval()
     student_lib.init_from_teacher(same, teacher.eval(), student_lib.derive(
-        teacher, models.IMAGE_CLASSIFICATION, full, "uniform", "balanced", []))
+        teacher, IMAGE_CLASSIFICATION, full, "uniform", "balanced", []))
     with torch.no_grad():
         torch.testing.assert_close(same(pixel_values=x).logits, teacher(pixel_values=x).logits, atol=1e-5, rtol=1e-4)
 
     narrow = models.derive_student_config(teacher.config, pairs, heads=3, kv_heads=None, hidden=24, intermediate=48)
     assert narrow.hidden_size == 24 and narrow.pooler_output_size == 24
-    small = models.build_student(teacher, narrow, models.IMAGE_CLASSIFICATION)
+    small = student_lib.build_student(teacher, narrow, IMAGE_CLASSIFICATION)
     shape = student_lib.StudentShape(2, 3, 3, 24, 48)
     student_lib.init_from_teacher(small, teacher, student_lib.derive(
-        teacher, models.IMAGE_CLASSIFICATION, shape, "importance", "balanced", [{"pixel_values": x}]))
+        teacher, IMAGE_CLASSIFICATION, shape, "importance", "balanced", [{"pixel_values": x}]))
     assert small(pixel_values=x).logits.shape == (2, 3)
     with pytest.raises(ShdError, match="not divisible"):
         models.derive_student_config(teacher.config, pairs, heads=5, kv_heads=None, hidden=None, intermediate=None)
@@ -280,12 +285,33 @@ def test_make_teacher_tiny(tmp_path):
     from transformers import AutoModelForImageClassification
 
     data = write_npz(tmp_path / "d.npz", n=40)
-    info = vision.make_teacher(tmp_path / "t", data=str(data), hidden=24, heads=12, layers=2, intermediate=48,
+    info = demo.make_teacher(tmp_path / "t", data=str(data), hidden=24, heads=12, layers=2, intermediate=48,
                                image_size=8, patch_size=4, epochs=2, batch_size=16, log=lambda *_: None)
     assert info["train_images"] == 30 and info["val_images"] == 10 and 0.0 <= info["val_top1"] <= 1.0
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "t")
     assert model.config.num_attention_heads == 12 and model.config.id2label[2] == "2"
     assert (tmp_path / "t" / "preprocessor_config.json").exists()
+
+
+def test_make_demo_teacher_command(tmp_path, monkeypatch, capsys):
+    """`shd make-demo-teacher vit-digits OUT` trains and saves a classifier; bad input is one line, exit 2."""
+    from tests.conftest import run_main
+
+    data = write_npz(tmp_path / "d.npz", n=40)
+    code, out, err = run_main(monkeypatch, capsys, "make-demo-teacher", "vit-digits", str(tmp_path / "t"),
+                              "--data", str(data), "--hidden", "24", "--heads", "6", "--layers", "2",
+                              "--intermediate", "48", "--image-size", "8", "--epochs", "1", "--batch-size", "16")
+    assert code == 0, err
+    assert "teacher written to" in out
+    info = json.loads((tmp_path / "t" / "shd_teacher.json").read_text())
+    assert info["train_images"] == 30 and info["val_images"] == 10
+    x = str(tmp_path / "x")
+    for args, field in ((["gpt-digits", x], "KIND"), (["vit-digits", x, "--hidden", "25", "--heads", "6"], "--hidden"),
+                        (["vit-digits", x, "--image-size", "10", "--patch-size", "4"], "--patch-size"),
+                        (["vit-digits", x, "--data", str(tmp_path / "none.npz")], "--data")):
+        code, out, err = run_main(monkeypatch, capsys, "make-demo-teacher", *args)
+        assert code == 2 and field in err and "Traceback" not in err, (args, err)
+        assert not (tmp_path / "x").exists()
 
 
 # --------------------------------------------------------------------------- end to end
@@ -336,8 +362,7 @@ def test_distill_vit_end_to_end(tmp_path):
     assert (student_dir / "preprocessor_config.json").exists()  # simple normalisation, saved for reuse
 
     # the classifier eval (hook for `shd eval`): metrics, confusion matrix PNG, teacher alongside
-    vision.main(["eval", str(student_dir), "--data", str(data), "--teacher", str(teacher),
-                 "--out", str(tmp_path / "eval"), "--val-fraction", "0.25"])
+    vision.eval_hook(str(student_dir), str(data), tmp_path / "eval", teacher_path=str(teacher), val_fraction=0.25)
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["model"]["images"] == 8 and result["teacher"]["params"] > result["model"]["params"]
     assert sum(map(sum, result["model"]["confusion_matrix"])) == 8

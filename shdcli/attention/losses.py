@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from shdcli.capture import LayerRecord
-from shdcli.lean import DEFAULT_BUDGET, lean_layer_loss
-from shdcli.shd import (
+from shdcli.attention.capture import LayerRecord
+from shdcli.attention.lean import DEFAULT_BUDGET, lean_layer_loss
+from shdcli.attention.shd import (
     apply_weights,
     attention_kd_rows,
     attention_maps,

@@ -1,4 +1,4 @@
-"""Image classification: image data, ViT/DeiT loss parts, classifier evaluation, a demo ViT teacher.
+"""Image classifiers (ViT, DeiT ...ForImageClassification): image data, loss parts, classifier evaluation.
 
 Everything SHD itself needs is shared with text: ViT attention goes through transformers'
 AttentionInterface like BERT's, so capture.py records q/k/v of every layer (ViT attention modules
@@ -16,7 +16,7 @@ Images go through the teacher folder's image processor (resize, rescale, normali
 preprocessor_config.json, else through a plain resize to the config's image size and (x - 0.5) / 0.5.
 
 The train/validation split of image data uses a fixed seed (SPLIT_SEED), not train.seed: every seed
-of a benchmark is scored on the same held-out images, and `make-teacher` trains its teacher on the
+of a benchmark is scored on the same held-out images, and `shd make-demo-teacher` trains its teacher on the
 train part of that same split, so a recipe with the same (or a smaller) val_fraction never scores on
 images the teacher saw.
 """
@@ -24,10 +24,8 @@ images the teacher saw.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,9 +34,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from shdcli.data import BatchStream, eval_batches
+from shdcli.attention.losses import logit_kd_loss
 from shdcli.errors import ShdError
+from shdcli.models.sources import count_parameters, resolve_source
+from shdcli.report import write_json_atomic
+from shdcli.tasks.base import IMAGE_CLASSIFICATION, Batch, Forwards, QualityInputs, model_inputs
+from shdcli.tasks.data import eval_batches
 
 SPLIT_SEED = 0
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -327,16 +330,9 @@ def image_batches(model_folder: str | Path, data_path: str, n_images: int = 32, 
 
 
 # --------------------------------------------------------------------------- loss parts
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The forward arguments of a batch (labels stay out: the loss is ours, not the model's)."""
-    return {k: v for k, v in batch.items() if k != "labels"}
-
-
 def classification_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                           use_logit: bool, temperature: float) -> dict[str, torch.Tensor]:
     """task = cross entropy on labels; logit = T^2 KL(teacher || student) on class logits [B, C]."""
-    from shdcli.losses import logit_kd_loss
-
     parts = {"task": F.cross_entropy(student_logits.float(), labels)}
     if use_logit:
         ones = torch.ones(labels.shape[0], 1, dtype=torch.long, device=labels.device)
@@ -450,9 +446,6 @@ def evaluate_classifier(model_path: str | Path, data_path: str, out_dir: str | P
     parameters, safetensors size and latency; a teacher (optional) is scored the same way."""
     from transformers import AutoModelForImageClassification
 
-    from shdcli.models import count_parameters, resolve_source
-    from shdcli.report import write_json_atomic
-
     if split not in ("val", "train", "all"):
         raise ShdError(f"--split: {split!r} is not one of val, train, all")
     out_dir = Path(out_dir)
@@ -498,8 +491,6 @@ def evaluate_classifier(model_path: str | Path, data_path: str, out_dir: str | P
 def eval_hook(model_path: str, data_path: str | None, out_dir: str | Path, **kwargs) -> dict | None:
     """For the lead's `shd eval`: evaluate `model_path` if it is an image classifier, else return None
     (the text evaluation then runs). kwargs go to evaluate_classifier (split, batch_size, teacher_path...)."""
-    from shdcli.models import resolve_source
-
     folder = resolve_source(model_path, "model")
     if not is_image_classifier(folder):
         return None
@@ -507,45 +498,6 @@ def eval_hook(model_path: str, data_path: str | None, out_dir: str | Path, **kwa
         raise ShdError("--data: an image classifier is evaluated on images; give an image folder, .npz, datasets "
                        "folder or builtin:digits")
     return evaluate_classifier(folder, data_path, out_dir, **kwargs)
-
-
-def eval_command(names: list[str], teacher: str | None, data: str | None, out: Path | None,
-                 batch_size: int = 64) -> dict | None:
-    """`shd eval` for an image classifier; None when names[0] is not one (the text evaluation runs).
-
-    Defaults come from the student's run (metrics.json next to its folder, as for text): data = the
-    run's data.path and its held-out split (val_fraction), teacher = the run's teacher. eval.json and
-    the confusion PNGs go to the folder of --out, else to <student>_eval next to the student folder.
-    """
-    from shdcli.evaluate import run_info
-    from shdcli.models import resolve_source
-
-    folder = resolve_source(names[0], "STUDENT")
-    if not is_image_classifier(folder):
-        return None
-    if len(names) > 1:
-        raise ShdError("--compare: image classifiers are evaluated one at a time; run shd eval once per model")
-    info = run_info(folder)
-    run_data = info.recipe.get("data", {})
-    notes = []
-    if data is None and run_data.get("path"):
-        data = run_data["path"]
-        notes.append(f"data {data} (its held-out split) taken from {info.metrics_file}")
-    if teacher is None and info.recipe.get("teacher", {}).get("path"):
-        teacher = info.recipe["teacher"]["path"]
-        notes.append(f"teacher {teacher} taken from {info.metrics_file}")
-    same_data = data is not None and data == run_data.get("path")
-    if out is not None:
-        out_dir = Path(out).parent
-    else:  # next to the student (a pkg:// folder lives in site-packages: use the working folder there)
-        base = Path.cwd() / folder.name if names[0].startswith("pkg://") else folder
-        out_dir = base.parent / f"{base.name}_eval"
-    results = eval_hook(str(folder), data, out_dir, teacher_path=teacher, batch_size=batch_size,
-                        val_fraction=run_data.get("val_fraction", 0.1) if same_data else 0.1,
-                        image_field=run_data.get("image_field", "image") if same_data else "image",
-                        label_field=run_data.get("label_field", "label") if same_data else "label")
-    results["notes"] = notes
-    return results
 
 
 def format_eval(results: dict) -> str:
@@ -560,107 +512,76 @@ def format_eval(results: dict) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- demo teacher
-def make_teacher(out: str | Path, data: str = "builtin:digits", hidden: int = 192, heads: int = 12, layers: int = 4,
-                 intermediate: int = 384, image_size: int = 16, patch_size: int = 4, epochs: int = 20,
-                 batch_size: int = 64, lr: float = 2e-3, val_fraction: float = 0.25, seed: int = 0,
-                 threads: int = 1, log=print) -> dict:
-    """Train a small ViTForImageClassification from scratch on `data` (default: the digits, upscaled to
-    image_size) and save it with its image processor as an HF folder. Trains on the train part of
-    the fixed split (split_rows), reports accuracy on the held-out part."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    from shdcli.models import save_model_folder
-
-    if threads:
-        torch.set_num_threads(threads)  # a model this small runs faster on one thread than on contended cores
-    torch.manual_seed(seed)
-    raw = read_images(data)
-    config = ViTConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate,
-        image_size=image_size, patch_size=patch_size, num_channels=3, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=len(raw.classes),
-        id2label=dict(enumerate(raw.classes)), label2id={c: i for i, c in enumerate(raw.classes)},
-    )
-    config.architectures = ["ViTForImageClassification"]
-    processor = ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
-                                  image_std=[0.5] * 3)
-    model = ViTForImageClassification(config)
-    labels = label_ids(raw, config)
-    pixels = pixel_values(raw.images, processor, config)
-    train_rows, val_rows = split_rows(len(labels), val_fraction)
-    train, val = ImageSet(pixels[train_rows], labels[train_rows]), ImageSet(pixels[val_rows], labels[val_rows])
-    stream = BatchStream(train, batch_size, seed)
-    steps = max(1, epochs * math.ceil(len(train) / batch_size))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    warmup = max(1, steps // 10)
-
-    def factor(s: int) -> float:  # linear warm-up, cosine to 0
-        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    t0 = time.perf_counter()
-    model.train()
-    for step in range(1, steps + 1):
-        batch = stream.next()
-        loss = F.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        sched.step()
-        if step % 50 == 0 or step == steps:
-            log(f"make-teacher step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
-    model.eval()
-    acc = accuracy_metrics(model, eval_batches(val, 256), torch.device("cpu"))
-    info = {"data": data, "train_images": len(train), "val_images": len(val), "val_fraction": val_fraction,
-            "split_seed": SPLIT_SEED, "steps": steps, "train_s": time.perf_counter() - t0,
-            **{f"val_{k}": v for k, v in acc.items()}}
-    save_model_folder(model, processor, Path(out), {"shd_teacher.json": json.dumps(info, indent=2)})
-    log(f"teacher written to {out}: val top-1 {acc['top1']:.4f} on {len(val)} held-out images")
-    return info
+# --------------------------------------------------------------------------- the task
+IMAGE_DATA = "builtin:digits"  # default samples of `shd inspect-heads` for image classifiers
+CLASSIFIER_SUFFIXES = ("ForImageClassification", "ForImageClassificationWithTeacher")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m shdcli.vision make-teacher OUT` | `python -m shdcli.vision eval MODEL --data PATH`."""
-    import argparse
+class ImageClassification:
+    name = IMAGE_CLASSIFICATION
+    packed = False
+    ddp_find_unused = True
+    text = False  # scored by evaluate_classifier (top-1/top-5, confusion matrix), not the text metrics
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    parser = argparse.ArgumentParser(prog="python -m shdcli.vision")
-    sub = parser.add_subparsers(dest="command", required=True)
-    mk = sub.add_parser("make-teacher", help="train a small ViT teacher on builtin:digits (or --data)")
-    mk.add_argument("out")
-    mk.add_argument("--data", default="builtin:digits")
-    for name, default in (("hidden", 192), ("heads", 12), ("layers", 4), ("intermediate", 384), ("image-size", 16),
-                          ("patch-size", 4), ("epochs", 20), ("batch-size", 64), ("seed", 0), ("threads", 1)):
-        mk.add_argument(f"--{name}", type=int, default=default)
-    mk.add_argument("--lr", type=float, default=2e-3)
-    mk.add_argument("--val-fraction", type=float, default=0.25)
-    ev = sub.add_parser("eval", help="top-1/top-5, confusion matrix PNG, size, latency of an image classifier")
-    ev.add_argument("model")
-    ev.add_argument("--data", required=True)
-    ev.add_argument("--out", default="runs/eval")
-    ev.add_argument("--teacher", default=None)
-    ev.add_argument("--split", default="val")
-    ev.add_argument("--val-fraction", type=float, default=0.1)
-    ev.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "make-teacher":
-            make_teacher(args.out, args.data, args.hidden, args.heads, args.layers, args.intermediate, args.image_size,
-                         args.patch_size, args.epochs, args.batch_size, args.lr, args.val_fraction, args.seed,
-                         args.threads)
-        else:
-            results = eval_hook(args.model, args.data, args.out, split=args.split, val_fraction=args.val_fraction,
-                                batch_size=args.batch_size, teacher_path=args.teacher)
-            if results is None:
-                raise ShdError(f"model: {args.model} is not an image classifier; use `shd eval` for text models")
-            print(format_eval(results))
-    except ShdError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    def matches(self, config) -> bool:
+        return any(a.endswith(CLASSIFIER_SUFFIXES) for a in getattr(config, "architectures", None) or [])
 
+    def auto_class(self) -> type:
+        from transformers import AutoModelForImageClassification
 
-if __name__ == "__main__":
-    main()
+        return AutoModelForImageClassification
+
+    def load_preprocessor(self, folder, config, field: str, trust_remote_code: bool):
+        return load_processor(folder, config)
+
+    def training_data(self, recipe, preprocessor, config, world: int):
+        return train_val_data(recipe, preprocessor, config)
+
+    def inputs(self, batch: Batch) -> Batch:
+        return model_inputs(batch)
+
+    def row_mask(self, batch: Batch) -> torch.Tensor | None:
+        return None  # no padding: every row (CLS included) counts
+
+    def uses_logit_kd(self, distill, teacher: nn.Module, student: nn.Module) -> bool:
+        if distill.logit <= 0:
+            return False
+        if student.config.num_labels != teacher.config.num_labels:
+            raise ShdError(f"distill.logit: teacher has {teacher.config.num_labels} classes, student "
+                           f"{student.config.num_labels}; give a student with the teacher's classes or set "
+                           "distill.logit=0")
+        return True
+
+    def fuses_heads(self, distill) -> bool:
+        return False
+
+    def losses(self, f: Forwards) -> dict[str, torch.Tensor]:
+        return classification_losses(f.student_out.logits, f.teacher_out.logits, f.batch["labels"], f.use_logit,
+                                     f.distill.logit_temperature)
+
+    def batch_weight(self, batch: Batch) -> float:
+        return float(len(batch["labels"]))
+
+    def validation_extras(self, student: nn.Module, val_batches: list[Batch], device, losses: dict) -> dict:
+        return {"val_top1": accuracy_metrics(student, val_batches, device)["top1"]}
+
+    def run_metrics(self, student: nn.Module, teacher: nn.Module, val_batches: list[Batch], device) -> dict:
+        out = {}
+        for role, model in (("student", student), ("teacher", teacher)):
+            out.update({f"{role}_{k}": v for k, v in accuracy_metrics(model, val_batches, device).items()})
+        return out
+
+    def quality(self, model: nn.Module, tokenizer, teacher: nn.Module | None, q: QualityInputs,
+                notes: list[str], name: str) -> dict[str, float]:
+        raise ShdError(f"{name}: an image classifier is scored on images (evaluate_classifier), not held-out text")
+
+    def output(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(**model_inputs(batch)).logits.float()  # [B, C]
+
+    def output_distance(self, reference: torch.Tensor, output: torch.Tensor, batch: Batch) -> float:
+        log_p, log_q = F.log_softmax(reference, -1), F.log_softmax(output, -1)
+        return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+    def inspect_batches(self, folder, preprocessor, data, samples, seq_len, batch_size, max_positions):
+        data = data or IMAGE_DATA
+        return image_batches(folder, data, samples, batch_size), data, None  # no tokens to label

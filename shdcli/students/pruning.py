@@ -30,48 +30,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from shdcli.models import (
-    CAUSAL_LM,
-    IMAGE_CLASSIFICATION,
-    ModelShape,
-    attention_params,
-    decoder_layers,
-    default_kv_heads,
-    model_shape,
-)
-
-Batch = dict[str, torch.Tensor]
+from shdcli.models.families import ModelShape, attention_params, decoder_layers, default_kv_heads, model_shape
+from shdcli.tasks.base import Batch, model_inputs
+from shdcli.tasks.registry import get as get_task
 
 
 # --------------------------------------------------------------------------- outputs and distances
-def _inputs(batch: Batch) -> Batch:
-    return {k: v for k, v in batch.items() if k != "labels"}
-
-
 def _output(model: nn.Module, batch: Batch, task: str) -> torch.Tensor:
-    """What the depth search compares: logits (causal LM, classifier) or the mean-pooled embedding."""
-    out = model(**_inputs(batch))
-    if task in (CAUSAL_LM, IMAGE_CLASSIFICATION):
-        return out.logits.float()
-    hidden = out.last_hidden_state.float()  # [B, N, D]
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # [B, D]
+    """What the depth search compares: the task's output (logits, or the mean-pooled embedding)."""
+    return get_task(task).output(model, batch)
 
 
 def output_distance(reference: torch.Tensor, output: torch.Tensor, batch: Batch, task: str) -> float:
     """Mean distance of a pruned model's output to the full teacher's (see module docstring)."""
-    if task == CAUSAL_LM:  # token KL(teacher || pruned) over valid positions, [B, N, V]
-        log_p, log_q = F.log_softmax(reference, -1), F.log_softmax(output, -1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [B, N]
-        mask = batch["attention_mask"].to(kl.dtype)
-        return float((kl * mask).sum() / mask.sum().clamp_min(1.0))
-    if task == IMAGE_CLASSIFICATION:
-        log_p, log_q = F.log_softmax(reference, -1), F.log_softmax(output, -1)
-        return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-    return float((1.0 - F.cosine_similarity(reference, output, dim=-1)).mean())
+    return get_task(task).output_distance(reference, output, batch)
 
 
 # --------------------------------------------------------------------------- depth
@@ -252,7 +226,7 @@ def width_importance(model: nn.Module, batches: list[Batch], device: torch.devic
         handles.append(attention_params(block).o.register_forward_pre_hook(head_norms))
     try:
         for batch in batches:
-            batch = {k: v.to(device) for k, v in _inputs(batch).items()}
+            batch = {k: v.to(device) for k, v in model_inputs(batch).items()}
             mask = batch.get("attention_mask")
             state["mask"] = None if mask is None else mask.float()  # images: every patch token counts
             model(**batch)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from shdcli.errors import ShdError
-from shdcli.models import attention_params, decoder_layers
+from shdcli.models.families import attention_params, decoder_layers
 from shdcli.report import write_folder_atomic
 
 

@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shdcli.capture import LayerRecord
-from shdcli.mapping import Plan
-from shdcli.shd import attention_kd_rows, attention_scores, loss_scale
+from shdcli.attention.capture import LayerRecord
+from shdcli.attention.shd import attention_kd_rows, attention_scores, loss_scale
 
 # The projector's own learning rate (AdamW, no decay): its Hs x Ht logits must move by O(1) within a
 # benchmark's few dozen steps, which the student's lr (~3e-4) would never do.
@@ -43,10 +42,11 @@ class HeadProjector(nn.Module):
         return torch.softmax(self.logits[i], dim=-1)
 
 
-def make_projector(plan: Plan, teacher_heads: int, student_heads: int) -> HeadProjector:
-    """One [Ht, Hs] matrix per mapped layer; teacher head t starts leaning on the student head whose
-    group contains t (the student heads are initialised from those groups), weight
-    e^2 / (e^2 + Hs - 1) (0.79 for Hs = 3), so the projector starts where SHD's grouping is."""
+def make_projector(plan, teacher_heads: int, student_heads: int) -> HeadProjector:
+    """One [Ht, Hs] matrix per mapped layer of `plan` (a models.mapping.Plan: its groups are read);
+    teacher head t starts leaning on the student head whose group contains t (the student heads are
+    initialised from those groups), weight e^2 / (e^2 + Hs - 1) (0.79 for Hs = 3), so the projector
+    starts where SHD's grouping is."""
     mats = []
     for groups in plan.groups:
         logits = torch.zeros(teacher_heads, student_heads)
@@ -72,29 +72,29 @@ def score_mean_targets(record: LayerRecord, groups: list[list[int]], tau: float)
     return torch.softmax(mean, dim=-1)
 
 
-def attention_target_loss(setup, t_records: dict[int, LayerRecord], s_records: dict[int, LayerRecord],
-                          row_mask: torch.Tensor | None) -> torch.Tensor:
+def attention_target_loss(method: str, t_records: dict[int, LayerRecord], s_records: dict[int, LayerRecord],
+                          pairs: list[tuple[int, int]], groups_per_pair: list[list[list[int]]],
+                          row_mask: torch.Tensor | None, tau: float, kind: str,
+                          projector: HeadProjector | None = None) -> torch.Tensor:
     """Baseline attention-KD loss (distill.target = projector | score_mean), mean over mapped layers,
     batch, heads and valid query rows, scaled by tau^2 for KL like SHD."""
-    d = setup.recipe.distill
-    tau, kind = d.temperature, d.attn_loss
     total, count = None, None
-    for i, ((s_idx, t_idx), groups) in enumerate(zip(setup.plan.pairs, setup.plan.groups)):
+    for i, ((s_idx, t_idx), groups) in enumerate(zip(pairs, groups_per_pair)):
         t_rec, s_rec = t_records[t_idx], s_records[s_idx]
         s_scores = _scores(s_rec, tau)  # [B, Hs, N, M], with grad
-        if d.target == "score_mean":
+        if method == "score_mean":
             with torch.no_grad():
                 target = score_mean_targets(t_rec, groups, tau)
             part, cnt = attention_kd_rows(target, s_scores, row_mask, kind)
-        elif d.target == "projector":
+        elif method == "projector":
             with torch.no_grad():
                 target = torch.softmax(_scores(t_rec, tau), dim=-1)  # all Ht teacher maps [B, Ht, N, M]
-            pred = torch.einsum("ts,bsnm->btnm", setup.projector.mix(i), torch.softmax(s_scores, dim=-1))
+            pred = torch.einsum("ts,bsnm->btnm", projector.mix(i), torch.softmax(s_scores, dim=-1))
             # log of the convex mix as "logits" (softmax(log p) = p). The clamp keeps masked keys
             # (p = 0) finite so no 0 * inf reaches the gradient; they carry no target mass anyway.
             part, cnt = attention_kd_rows(target, torch.log(pred.clamp_min(1e-30)), row_mask, kind)
         else:
-            raise ValueError(f"unknown distill.target {d.target!r}")
+            raise ValueError(f"unknown distill.target {method!r}")
         total = part if total is None else total + part
         count = cnt if count is None else count + cnt
     if total is None:

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from shdcli.capture import LayerRecord
+from shdcli.attention.capture import LayerRecord
 from shdcli.errors import ShdError
 
 NEG = -1e30  # finite "minus infinity": exp(NEG - max) == 0, and NEG - NEG == 0 (no inf - inf)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import torch
 from rich.table import Table
+from torch import nn
 
+from shdcli.attention.shd import group_feature_bases, group_heads
 from shdcli.errors import ShdError
-from shdcli.models import ModelShape
-from shdcli.shd import group_heads
+from shdcli.models.families import ModelShape, model_shape, output_projection
 
 
 def _auto_teacher_layer(i: int, teacher_layers: int, student_layers: int) -> int:
@@ -135,3 +137,12 @@ def plan_table(plan: Plan) -> Table:
             row.append(f"{cal['error']:.3f} ({cal['contiguous_error']:.3f})")
         table.add_row(*row)
     return table
+
+
+def feature_bases(teacher: nn.Module, plan: Plan) -> dict[int, list[torch.Tensor] | None]:
+    """Per mapped teacher layer, the groups' reduced W_O bases (X_h = V_h W_O[h], see shd.py)."""
+    head_dim = model_shape(teacher.config).head_dim
+    return {
+        t: group_feature_bases(output_projection(teacher, t).detach().float(), groups, head_dim)
+        for (_, t), groups in zip(plan.pairs, plan.groups)
+    }

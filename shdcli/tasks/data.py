@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from shdcli import distributed
 from shdcli.errors import ShdError
-from shdcli.models import cache_dir
+from shdcli.models.sources import cache_dir
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # shdcli/assets
 BUILTIN = {
     "builtin:pydoc": "CPython's pydoc help topics (~465 KB of English technical prose)",
     "builtin:sentences": "a few hundred ordinary English sentences shipped with shd",
@@ -55,6 +56,36 @@ def load_blocks(spec, tokenizer, packed: bool, seed: int, world: int = 1) -> tup
             f"data.val_fraction: the validation split is too small ({exc}); raise data.val_fraction"
         ) from None
     return train_blocks, val_blocks
+
+
+def text_training_data(recipe, tokenizer, packed: bool,
+                       world: int) -> tuple[TokenBlocks, list[dict[str, torch.Tensor]]]:
+    """Training blocks and global validation batches (batch_size * world rows; validate() gives each
+    rank its share) of a text recipe."""
+    with distributed.main_first():  # rank 0 tokenises into the cache, the other ranks then read it
+        train_blocks, val_blocks = load_blocks(recipe.data, tokenizer, packed, recipe.train.seed, world)
+    val = eval_batches(val_blocks, recipe.data.batch_size * world, recipe.data.val_batches)
+    return train_blocks, [b for b in val if len(b["input_ids"]) >= world]  # every rank needs rows (FSDP)
+
+
+def text_inspect_batches(tokenizer, folder, data: str | None, samples: int, seq_len: int, batch_size: int,
+                         max_positions: int | None, packed: bool) -> tuple[list[dict[str, torch.Tensor]], str]:
+    """`shd inspect-heads` samples of a text model: the first `samples` sequences of `data` (default
+    builtin:sentences): packed seq_len blocks for a causal LM (as in training), one padded sequence
+    per document (cut at seq_len) for an encoder."""
+    if tokenizer is None:
+        raise ShdError(f"MODEL: {folder} has no tokenizer files; add tokenizer.json (or vocab files) to it")
+    if max_positions and seq_len > max_positions:
+        raise ShdError(f"--seq-len: {seq_len} is longer than the model's {max_positions} positions")
+    data = data or "builtin:sentences"
+    blocks = tokenize(read_documents(data, field="--data"), tokenizer, seq_len, packed=packed)
+    blocks = TokenBlocks(blocks.input_ids[:samples], blocks.attention_mask[:samples])
+    return eval_batches(blocks, batch_size), data
+
+
+def same_tokens(a, b) -> bool:
+    """Whether two tokenizers give the same ids (so two models can read one batch)."""
+    return a is b or (a is not None and b is not None and a.get_vocab() == b.get_vocab())
 
 
 def read_documents(path: str, text_field: str = "text", field: str = "data.path") -> list[str]:

@@ -7,7 +7,7 @@ in an index error deep inside an embedding or a shape error inside the loss.
 from __future__ import annotations
 
 from shdcli.errors import ShdError
-from shdcli.models import ModelShape
+from shdcli.models.families import ModelShape
 
 
 def check_tokenizer_fits(tokenizer, shape: ModelShape, field: str) -> None:

@@ -38,16 +38,10 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from shdcli.attention.shd import group_heads
 from shdcli.errors import ShdError
-from shdcli.models import (
-    ModelShape,
-    attention_params,
-    build_student,
-    decoder_layers,
-    derive_student_config,
-    model_shape,
-)
-from shdcli.pruning import (
+from shdcli.models.families import ModelShape, attention_params, decoder_layers, derive_student_config, model_shape
+from shdcli.students.pruning import (
     choose_kv_groups,
     choose_layers,
     count_config_params,
@@ -59,7 +53,7 @@ from shdcli.pruning import (
     uniform_layers,
     width_importance,
 )
-from shdcli.shd import group_heads
+from shdcli.tasks.registry import build_model
 
 Batch = dict[str, torch.Tensor]
 
@@ -165,6 +159,11 @@ def student_config(teacher_config, teacher_layers: list[int], shape: StudentShap
         shape.hidden if shape.hidden != t_shape.hidden else None,
         shape.intermediate if shape.intermediate != t_shape.intermediate else None,
     )
+
+
+def build_student(teacher: nn.Module, config, task: str) -> nn.Module:
+    """A freshly initialised student of `config` for `task`, in the teacher's dtype."""
+    return build_model(config, task, like=teacher)
 
 
 def config_counter(teacher: nn.Module, task: str) -> Callable[[StudentShape], int]:

@@ -26,8 +26,8 @@ import functools
 
 import torch
 
-from shdcli.capture import LayerRecord
-from shdcli.shd import solve_weights
+from shdcli.attention.capture import LayerRecord
+from shdcli.attention.shd import solve_weights
 
 NEG = -1e30  # "minus infinity" that stays finite: exp(NEG - max) == 0 and 0 * NEG == 0
 TINY = 1e-30  # t log t at t < TINY is below 1e-28: dropped
@@ -256,8 +256,9 @@ class _FusedStudentLoss(torch.autograd.Function):
     """loss = layer(q, k) with the gradients computed in forward (see module doc); backward scales them."""
 
     @staticmethod
-    def forward(ctx, query, key, run):  # noqa: D401 - autograd API
-        total, dq, dk = run(query.detach(), key.detach(), ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+    def forward(ctx, query, key, student_pass):  # noqa: D401 - autograd API
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total, dq, dk = student_pass.run(query.detach(), key.detach(), need_grad)
         ctx.save_for_backward(dq, dk)
         ctx.dtypes = (query.dtype, key.dtype)
         return total
@@ -269,6 +270,110 @@ class _FusedStudentLoss(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- one layer
+class TeacherChunks:
+    """The teacher's softened maps of one layer, one chunk of query rows at a time.
+
+    bounds[i] = (a, b): the rows of chunk i; stops[i]: the keys any row of it can see (the rest is
+    masked for every row). Maps are recomputed on demand unless `keep` holds them from the weight
+    solve (when they fit the memory budget); `take(i)` hands a kept chunk over and forgets it."""
+
+    def __init__(self, teacher: LayerRecord, row_mask: torch.Tensor | None, student: LayerRecord, tau: float,
+                 chunk_rows: int, budget_bytes: int) -> None:
+        bsz, ht, n, _ = teacher.query.shape
+        need = [max(x, y) for x, y in zip(_key_needs(teacher, row_mask), _key_needs(student, row_mask))]
+        chunk = chunk_rows or auto_chunk_rows(bsz, ht, student.query.shape[1], n, teacher.key.shape[2], budget_bytes)
+        self.bounds = [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
+        self.stops = [max(1, max(need[a:b])) for a, b in self.bounds]
+        self.teacher, self.key = teacher, teacher.key.float().contiguous()
+        self.not_allowed = None if teacher.allowed is None else ~teacher.allowed
+        self.factor = teacher.scaling / tau
+        self.fits = sum(bsz * ht * (b - a) * m * 4 for (a, b), m in zip(self.bounds, self.stops)) <= budget_bytes
+        self.kept: list[torch.Tensor | None] = []
+
+    def maps(self, i: int) -> torch.Tensor:
+        """Chunk i: [B, Ht, b - a, stops[i]] float32 softmax(q k^T * scaling / tau)."""
+        a, b = self.bounds[i]
+        q = self.teacher.query[:, :, a:b].float() * self.factor
+        return torch.softmax(_masked_scores(self.teacher, q, self.key, a, b, self.stops[i], self.not_allowed), dim=-1)
+
+    def take(self, i: int) -> torch.Tensor:
+        if not self.kept:
+            return self.maps(i)
+        maps, self.kept[i] = self.kept[i], None  # free as we go
+        return maps
+
+
+def solve_squeeze_weights(chunks: TeacherChunks, groups: list[list[int]], bases: list[torch.Tensor] | None,
+                          row_mask: torch.Tensor | None, alpha: str) -> list[torch.Tensor]:
+    """Phase 1: the closed-form squeeze weights (Hs x [B, k]) from the teacher's maps and features,
+    accumulated over row chunks; keeps the chunks in `chunks.kept` when they fit the budget."""
+    teacher = chunks.teacher
+    bsz, ht = teacher.query.shape[:2]
+    device = teacher.query.device
+    multi = [i for i, g in enumerate(groups) if len(g) > 1]
+    if alpha == "mean" or not multi:
+        return [torch.full((bsz, len(g)), 1.0 / len(g), device=device) for g in groups]
+    values = teacher.value.float().contiguous()
+    if _UniformStats.applies(groups, ht, teacher.kv_repeat):
+        uniform = _UniformStats(len(groups), teacher.kv_repeat, values, bases)
+        accumulators: list = [uniform]
+    else:
+        uniform = None
+        stats = {i: _GroupStats(groups[i], teacher.kv_repeat, values, None if bases is None else bases[i])
+                 for i in multi}
+        accumulators = list(stats.values())
+    rows_f = None if row_mask is None else row_mask.float()
+    for i, (a, b) in enumerate(chunks.bounds):
+        maps = chunks.maps(i)
+        rows = None if rows_f is None else rows_f[:, a:b]
+        for acc in accumulators:
+            acc.add(maps, rows)
+        if chunks.fits:
+            chunks.kept.append(maps)
+    if uniform is not None:
+        return uniform.weights(alpha)
+    return [solve_weights(stats[i].gram, stats[i].rhs, alpha) if i in stats else torch.ones(bsz, 1, device=device)
+            for i in range(len(groups))]
+
+
+class StudentPass:
+    """Phase 2: the fused student loss over row chunks against the squeezed targets, with dq and dk
+    formed in the same pass (run by _FusedStudentLoss, or directly when no gradient is needed)."""
+
+    def __init__(self, student: LayerRecord, chunks: TeacherChunks, squeeze: _Squeezer,
+                 row_mask: torch.Tensor | None, kind: str, tau: float) -> None:
+        self.student, self.chunks, self.squeeze, self.kind = student, chunks, squeeze, kind
+        self.rows_f = None if row_mask is None else row_mask.float()
+        self.factor = student.scaling / tau
+
+    def run(self, q_s: torch.Tensor, k_s: torch.Tensor, need_grad: bool):
+        """(summed loss, dq or None, dk or None) for student queries q_s [B, Hs, N, d], keys k_s [B, Hkv, M, d]."""
+        device, bsz, hs = q_s.device, q_s.shape[0], q_s.shape[1]
+        with torch.autocast(device.type, enabled=False):
+            k_f = k_s.float().contiguous()
+            s_not = None if self.student.allowed is None else ~self.student.allowed
+            dq = torch.zeros(q_s.shape, device=device) if need_grad else None
+            dk = torch.zeros(k_f.shape, device=device) if need_grad else None
+            kv = k_f.shape[1]
+            total = torch.zeros((), device=device)
+            for i, (a, b) in enumerate(self.chunks.bounds):
+                m = self.chunks.stops[i]
+                maps = self.chunks.take(i)
+                target = self.squeeze(maps)
+                del maps
+                q = q_s[:, :, a:b].float() * self.factor
+                scores = _masked_scores(self.student, q, k_f, a, b, m, s_not)
+                rows = None if self.rows_f is None else self.rows_f[:, a:b]
+                part, grad = _rows_loss_and_grad(scores, target, rows, self.kind, need_grad)
+                total += part
+                if need_grad:
+                    c = b - a
+                    g = grad.view(bsz, kv, -1, m)  # [B, Hkv, r c, m]
+                    dq[:, :, a:b] = torch.matmul(g, k_f[:, :, :m]).view(bsz, hs, c, -1) * self.factor
+                    dk[:, :, :m] += torch.matmul(g.transpose(-1, -2), q.reshape(bsz, kv, -1, q.shape[-1]))
+            return total, dq, dk
+
+
 def lean_layer_loss(
     teacher: LayerRecord,
     student: LayerRecord,
@@ -289,85 +394,18 @@ def lean_layer_loss(
         raise ValueError(f"unknown attention loss {kind!r} (use kl, mse or cosine)")
     bsz, ht, n, _ = teacher.query.shape
     hs = student.query.shape[1]
-    device = student.query.device
-    with torch.autocast(device.type, enabled=False), torch.no_grad():
-        keys = teacher.key.shape[2]
-        need = [max(x, y) for x, y in zip(_key_needs(teacher, row_mask), _key_needs(student, row_mask))]
-        chunk = chunk_rows or auto_chunk_rows(bsz, ht, hs, n, keys, budget_bytes)
-        bounds = [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
-        stops = [max(1, max(need[a:b])) for a, b in bounds]
-        rows_f = None if row_mask is None else row_mask.float()
-        t_key = teacher.key.float().contiguous()
-        t_not = None if teacher.allowed is None else ~teacher.allowed
-        t_factor = teacher.scaling / tau
-
-        def teacher_maps(i: int) -> torch.Tensor:
-            a, b = bounds[i]
-            q = teacher.query[:, :, a:b].float() * t_factor
-            return torch.softmax(_masked_scores(teacher, q, t_key, a, b, stops[i], t_not), dim=-1)
-
-        multi = [i for i, g in enumerate(groups) if len(g) > 1]
-        kept: list[torch.Tensor | None] = []
-        if alpha == "mean" or not multi:
-            weights = [torch.full((bsz, len(g)), 1.0 / len(g), device=device) for g in groups]
-        else:
-            values = teacher.value.float().contiguous()
-            if _UniformStats.applies(groups, ht, teacher.kv_repeat):
-                uniform = _UniformStats(len(groups), teacher.kv_repeat, values, bases)
-                accumulators = [uniform]
-            else:
-                uniform = None
-                stats = {i: _GroupStats(groups[i], teacher.kv_repeat, values, None if bases is None else bases[i])
-                         for i in multi}
-                accumulators = list(stats.values())
-            keep = sum(bsz * ht * (b - a) * m * 4 for (a, b), m in zip(bounds, stops)) <= budget_bytes
-            for i in range(len(bounds)):
-                maps = teacher_maps(i)
-                rows = None if rows_f is None else rows_f[:, bounds[i][0]:bounds[i][1]]
-                for acc in accumulators:
-                    acc.add(maps, rows)
-                if keep:
-                    kept.append(maps)
-            if uniform is not None:
-                weights = uniform.weights(alpha)
-            else:
-                weights = [solve_weights(stats[i].gram, stats[i].rhs, alpha) if i in stats
-                           else torch.ones(bsz, 1, device=device) for i in range(len(groups))]
+    # ---- phase 1: squeeze weights (teacher only, no graph)
+    with torch.autocast(student.query.device.type, enabled=False), torch.no_grad():
+        chunks = TeacherChunks(teacher, row_mask, student, tau, chunk_rows, budget_bytes)
+        weights = solve_squeeze_weights(chunks, groups, bases, row_mask, alpha)
         squeeze = _Squeezer(groups, weights, ht)
+        device = student.query.device
         count = torch.tensor(float(bsz * hs * n), device=device) if row_mask is None else hs * row_mask.sum().float()
-
-    s_factor = student.scaling / tau
-
-    def run(q_s: torch.Tensor, k_s: torch.Tensor, need_grad: bool):
-        with torch.autocast(device.type, enabled=False):
-            k_f = k_s.float().contiguous()
-            s_not = None if student.allowed is None else ~student.allowed
-            dq = torch.zeros(q_s.shape, device=device) if need_grad else None
-            dk = torch.zeros(k_f.shape, device=device) if need_grad else None
-            kv = k_f.shape[1]
-            total = torch.zeros((), device=device)
-            for i, (a, b) in enumerate(bounds):
-                m = stops[i]
-                maps = kept[i] if kept else teacher_maps(i)
-                if kept:
-                    kept[i] = None  # free as we go
-                target = squeeze(maps)
-                del maps
-                q = q_s[:, :, a:b].float() * s_factor
-                scores = _masked_scores(student, q, k_f, a, b, m, s_not)
-                rows = None if rows_f is None else rows_f[:, a:b]
-                part, grad = _rows_loss_and_grad(scores, target, rows, kind, need_grad)
-                total += part
-                if need_grad:
-                    c = b - a
-                    g = grad.view(bsz, kv, -1, m)  # [B, Hkv, r c, m]
-                    dq[:, :, a:b] = torch.matmul(g, k_f[:, :, :m]).view(bsz, hs, c, -1) * s_factor
-                    dk[:, :, :m] += torch.matmul(g.transpose(-1, -2), q.reshape(bsz, kv, -1, q.shape[-1]))
-            return total, dq, dk
-
+    # ---- phase 2: the fused student loss (gradients formed in forward)
+    student_pass = StudentPass(student, chunks, squeeze, row_mask, kind, tau)
     if torch.is_grad_enabled() and (student.query.requires_grad or student.key.requires_grad):
-        total = _FusedStudentLoss.apply(student.query, student.key, run)
+        total = _FusedStudentLoss.apply(student.query, student.key, student_pass)
     else:
         with torch.no_grad():
-            total = run(student.query, student.key, False)[0]
+            total = student_pass.run(student.query, student.key, False)[0]
     return total, count, weights

@@ -38,7 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from shdcli.shd import attention_maps, group_feature_bases, group_heads, solve_weights
+from shdcli.attention import capture
+from shdcli.attention.shd import attention_maps, group_feature_bases, group_heads, solve_weights
+from shdcli.models.families import model_shape, output_projection
 
 STATS_BUDGET_BYTES = 2 * 2**30  # head statistics kept in memory during calibration (float32)
 CHUNK_BUDGET_BYTES = 256 * 2**20  # one row chunk of the H^2 products A_h X_a
@@ -410,8 +412,6 @@ def _batch_size(batch: dict[str, torch.Tensor]) -> int:
 def _forward(teacher: torch.nn.Module, layers: list[int], batches: list[dict[str, torch.Tensor]],
              device: torch.device) -> Iterator[tuple[dict, torch.Tensor]]:
     """Per calibration batch: ({layer: capture.LayerRecord with values}, valid rows [B, N] bool or None)."""
-    from shdcli import capture
-
     capture.enable(teacher)
     recorder = capture.AttentionRecorder(layers, keep_values=True)
     for batch in batches:
@@ -444,8 +444,6 @@ def calibrate_teacher(
     batches as fit; beyond that each layer keeps its q/k/v and candidate groups are evaluated one
     by one (RecordCost), one layer per pass.
     """
-    from shdcli.models import model_shape, output_projection
-
     heads = model_shape(teacher.config).heads
     samples = sum(_batch_size(b) for b in batches)
     layers = sorted(set(layers))

@@ -1,0 +1,55 @@
+"""The task kinds shd knows, by name, and loading a model as the task it is.
+
+Adding a kind (e.g. a seq2seq model) means one new module in tasks/ with a class that follows
+tasks.base.Task, and one line in TASKS; nothing else changes (docs/METHOD.md shows a skeleton).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from shdcli.errors import ShdError
+from shdcli.models.sources import check_weight_files, load_weights, read_config
+from shdcli.tasks.base import Task
+from shdcli.tasks.causal_lm import CausalLM
+from shdcli.tasks.encoder import Encoder
+from shdcli.tasks.image import ImageClassification
+
+# In detection order: the first task whose matches(config) is true is a model's task (encoder last: the fallback).
+TASKS: dict[str, Task] = {t.name: t for t in (ImageClassification(), CausalLM(), Encoder())}
+
+
+def get(name: str) -> Task:
+    """The task object of a task name (a recipe's `task:` or a Setup's `task`)."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ShdError(f"task: {name!r} is not a task; use one of {', '.join(TASKS)}") from None
+
+
+def task_of(config) -> str:
+    """The name of the task an HF config describes (architectures, else model_type)."""
+    return next(t.name for t in TASKS.values() if t.matches(config))
+
+
+def load_model(
+    folder: Path,
+    field: str,
+    task: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, object | None, str]:
+    """Load (model, tokenizer or image processor or None, task name) from an HF folder; safetensors
+    only unless allow_pickle."""
+    has_safetensors = check_weight_files(folder, field, allow_pickle)
+    config = read_config(folder, field, trust_remote_code)
+    kind = get(task or task_of(config))
+    model = load_weights(folder, field, kind.auto_class(), has_safetensors, allow_pickle, trust_remote_code)
+    return model, kind.load_preprocessor(folder, model.config, field, trust_remote_code), kind.name
+
+
+def build_model(config, task: str, like: nn.Module) -> nn.Module:
+    """A freshly initialised model of `config` for `task`, in the dtype of `like`."""
+    return get(task).auto_class().from_config(config, dtype=next(like.parameters()).dtype)
