@@ -28,7 +28,7 @@ from shdcli.attention.fused_logits import forward_in_row_chunks
 from shdcli.attention.losses import shd_loss
 from shdcli.distributed import unwrap
 from shdcli.errors import ShdError
-from shdcli.models.families import ModelShape, model_shape
+from shdcli.models.families import ModelShape, enable_capture, model_shape
 from shdcli.models.mapping import Plan, feature_bases, make_plan
 from shdcli.models.sources import count_parameters, resolve_source, run_info
 from shdcli.tasks.base import QualityInputs
@@ -47,7 +47,7 @@ def attention_fidelity(student, teacher, plan: Plan, batches: list[dict[str, tor
     """Mean SHD KL (tau = 1) of the student's attention to the squeezed teacher maps over the batches:
     over mapped layers, heads and valid query rows, weighted exactly as one big batch would be."""
     for model in (student, teacher):
-        capture.enable(model)
+        enable_capture(model)
     t_rec = capture.AttentionRecorder({t for _, t in plan.pairs}, keep_values=True)
     s_rec = capture.AttentionRecorder({s for s, _ in plan.pairs})
     bases = feature_bases(teacher, plan)

@@ -41,7 +41,7 @@ from shdcli.attention.shd import (
     squeeze_statistics,
 )
 from shdcli.errors import ShdError
-from shdcli.models.families import model_shape, output_projection
+from shdcli.models.families import enable_capture, model_shape, output_projection
 from shdcli.models.grouping import calibrate_teacher
 from shdcli.models.mapping import format_groups
 from shdcli.models.sources import resolve_source
@@ -326,7 +326,7 @@ def inspect_heads(
         raise ShdError(f"--heads-to: {target} is outside 1..{shape.heads} "
                        f"(the model has {shape.heads} heads per layer)")
     grouper = grouper or fixed_grouper(shape.heads, grouping)
-    capture.enable(model)
+    enable_capture(model)
     model.eval().to(device)
     measured = measure_heads(model, batches, shape, target, grouper, sample_index, device, compare_contiguous)
     layer_stats = summarise_layers(measured, shape.heads, tolerance, compare_contiguous)
@@ -361,7 +361,8 @@ def measure_heads(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
                 out.sample_ids = batch["input_ids"][local, :length].cpu()
         for i in range(n_layers):
             rec = records[i]
-            maps = attention_maps(rec.query, rec.keys_per_head(), rec.scaling, rec.allowed_rows(0, rec.query.shape[2]))
+            maps = attention_maps(rec.query, rec.keys_per_head(), rec.scaling, rec.allowed_rows(0, rec.query.shape[2]),
+                                  softcap=rec.softcap)
             maps = maps.float()  # [B, H, N, M]
             a = out.acc[i]
             js, rows = pairwise_js(maps, row_mask)

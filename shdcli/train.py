@@ -25,7 +25,7 @@ from shdcli.errors import ShdError
 from shdcli.evaluate import final_evaluation, ood_heldout
 from shdcli.model_card import render_card
 from shdcli.models import checks
-from shdcli.models.families import decoder_layers, model_shape
+from shdcli.models.families import decoder_layers, enable_capture, has_fixed_head_dim, model_shape
 from shdcli.models.grouping import calibrate_plan, calibrate_teacher
 from shdcli.models.lora import apply_lora, save_lora_student
 from shdcli.models.mapping import Plan, feature_bases, layer_pairs, make_plan, plan_table
@@ -39,7 +39,6 @@ from shdcli.students.derive import (
     config_counter,
     derivation_table,
     derive,
-    has_fixed_head_dim,
     init_from_teacher,
     resolve_shape,
     size_warning,
@@ -234,7 +233,7 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     use_logit = kind.uses_logit_kd(recipe.distill, teacher, student)
 
     for model in (teacher, student):
-        capture.enable(model)
+        enable_capture(model)
     teacher.eval().requires_grad_(False)
     t_dtype = teacher_dtype(recipe, device)
     if t_dtype is not None:

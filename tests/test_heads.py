@@ -123,10 +123,10 @@ def _tie_heads(model, layer: int) -> None:
     shape = model_shape(model.config)
     with torch.no_grad():
         for block in decoder_layers(model):
-            params = attention_params(block)
+            params = attention_params(block, model.config)
             params.q.weight.mul_(8.0)
             params.k.weight.mul_(8.0)
-    p = attention_params(decoder_layers(model)[layer])
+    p = attention_params(decoder_layers(model)[layer], model.config)
     d = shape.head_dim
     with torch.no_grad():
         for mod, n in ((p.q, shape.heads), (p.k, shape.kv_heads)):

@@ -53,10 +53,10 @@ def _permuted_copies_folder(src: Path, dst: Path, layer: int, order: list[int]) 
     d = model_shape(model.config).head_dim
     with torch.no_grad():
         for block in decoder_layers(model):
-            p = attention_params(block)
+            p = attention_params(block, model.config)
             p.q.weight.mul_(8.0)
             p.k.weight.mul_(8.0)
-        p = attention_params(decoder_layers(model)[layer])
+        p = attention_params(decoder_layers(model)[layer], model.config)
         for mod in (p.q, p.k):
             w, b = mod.weight.clone(), None if mod.bias is None else mod.bias.clone()
             for h, c in enumerate(order):

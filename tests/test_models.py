@@ -42,9 +42,9 @@ def derive(teacher, task, layers: int, heads: int, kv_heads=None, hidden=None, i
     return build_student(teacher, config, task).eval(), pairs
 
 
-def weights(layer) -> dict[str, torch.Tensor | None]:
+def weights(layer, config) -> dict[str, torch.Tensor | None]:
     """q/k/v/o weights and biases of a layer in Linear orientation ([out, in]), whatever the family."""
-    p = attention_params(layer)
+    p = attention_params(layer, config)
     if p.fused_qkv is not None:  # GPT-2 Conv1D: weight [D, 3 W], x @ W
         w, b = p.fused_qkv.weight, p.fused_qkv.bias
         width = w.shape[1] // 3
@@ -72,7 +72,7 @@ def test_derive_and_build_shapes(teachers, kind):
     assert len(decoder_layers(student)) == 2
     assert student.config.architectures == teacher.config.architectures
     assert type(student) is type(teacher)
-    w = weights(decoder_layers(student)[0])
+    w = weights(decoder_layers(student)[0], student.config)
     width = s.heads * s.head_dim
     assert w["q_w"].shape == (width, s.hidden)
     assert w["k_w"].shape == (s.kv_heads * s.head_dim, s.hidden)
@@ -211,7 +211,7 @@ def test_output_projection_orientation(teachers, kind):
     shape = model_shape(teacher.config)
     capture.enable(teacher)
     layer_idx = 1
-    o_module = attention_params(decoder_layers(teacher)[layer_idx]).o
+    o_module = attention_params(decoder_layers(teacher)[layer_idx], teacher.config).o
     seen = {}
     hook = o_module.register_forward_hook(lambda m, i, o: seen.setdefault("out", o.detach()))
     recorder = capture.AttentionRecorder({layer_idx}, keep_values=True)

@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from shdcli.attention import capture
 from shdcli.errors import ShdError
-from shdcli.models.families import attention_params, decoder_layers, model_shape
+from shdcli.models.families import attention_params, decoder_layers, has_fixed_head_dim, model_shape
 from shdcli.models.sources import count_parameters
 from shdcli.students import pruning
 from shdcli.students.derive import (
@@ -22,7 +22,6 @@ from shdcli.students.derive import (
     build_student,
     config_counter,
     derive,
-    has_fixed_head_dim,
     init_from_teacher,
     kv_plan,
     resolve_shape,
@@ -72,7 +71,7 @@ def make_groups_identical(teacher, kind, groups: list[list[int]]) -> None:
     d = shape.head_dim
     with torch.no_grad():
         for layer in decoder_layers(teacher):
-            p = attention_params(layer)
+            p = attention_params(layer, teacher.config)
             for g in groups:
                 for h in g[1:]:
                     if p.fused_qkv is not None:  # GPT-2 Conv1D [D, 3D]

@@ -178,7 +178,7 @@ def test_vit_task_derivation_and_init(kind):
     teacher = vit_model(kind, heads=12, hidden=48)
     assert registry.task_of(teacher.config) == IMAGE_CLASSIFICATION
     layer = models.decoder_layers(teacher)[0]
-    params = models.attention_params(layer)
+    params = models.attention_params(layer, teacher.config)
     assert params.q is layer.attention.q_proj and params.v is layer.attention.v_proj
     assert params.o is layer.attention.o_proj  # not the MLP's fc2
     torch.testing.assert_close(models.output_projection(teacher, 1),

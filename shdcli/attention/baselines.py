@@ -59,7 +59,8 @@ def make_projector(plan, teacher_heads: int, student_heads: int) -> HeadProjecto
 def _scores(record: LayerRecord, tau: float) -> torch.Tensor:
     """Softened masked attention logits of all heads: [B, H, N, M] float32."""
     n = record.query.shape[2]
-    return attention_scores(record.query, record.keys_per_head(), record.scaling, record.allowed_rows(0, n), tau)
+    return attention_scores(record.query, record.keys_per_head(), record.scaling, record.allowed_rows(0, n), tau,
+                            record.softcap)
 
 
 def score_mean_targets(record: LayerRecord, groups: list[list[int]], tau: float) -> torch.Tensor:

@@ -8,22 +8,36 @@ q/k/v are [B, H, N, d]: O(N d) memory per layer instead of O(N^2). Maps are rebu
 the loss, one layer and one row chunk at a time.
 
 The mask the model builds for SDPA (bool, True = may attend, [B or 1, 1, N, M]) is kept with the
-record; when the model skipped it (pure causal, no padding) the record says `causal`.
+record; when the model skipped it (pure causal, no padding) the record says `causal`. Sliding-window
+layers get their window through that mask, so maps rebuilt from the record have it too.
+
+Attention variants SDPA cannot run are computed exactly as the family's eager code does, one block of
+query rows at a time (`eager_attention`): logit soft-capping (Gemma-2: scores = c tanh(s / c), kept in
+the record so maps are rebuilt with it) and attention sinks (GPT-OSS `s_aux`: an extra per-head logit
+in the softmax). Maps of a layer with sinks are not rows of a distribution over keys, so such a layer
+is refused when it is recorded (one line naming the family and the feature).
+
+Families whose attention does not go through the interface (Falcon calls SDPA itself) are captured
+with hooks instead (`enable_projections`): the fused q/k/v projection's output is split the way the
+model splits it (models/families.py says how), so the model's own forward is untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from shdcli.errors import ShdError
+
 ATTN_IMPLEMENTATION = "shd_capture"
+EAGER_CHUNK_BYTES = 64 * 2**20  # scores of one block of query rows in the exact fallback
 
 
 @dataclass
@@ -36,6 +50,7 @@ class LayerRecord:
     allowed: torch.Tensor | None  # bool [B|1, 1, N, M], True = may attend; None = all (or causal)
     causal: bool  # apply a causal mask when `allowed` is None
     scaling: float
+    softcap: float | None = None  # logit soft-capping: scores = softcap * tanh(q k^T scaling / softcap)
 
     @property
     def kv_repeat(self) -> int:
@@ -83,10 +98,16 @@ class AttentionRecorder:
         self._calls += 1
         return int(idx)
 
-    def record(self, module, query, key, value, attention_mask, scaling, is_causal) -> None:
-        idx = self._layer_index(module)
+    def record(self, module, query, key, value, attention_mask, scaling, is_causal, softcap: float | None = None,
+               sinks: torch.Tensor | None = None, layer: int | None = None) -> None:
+        idx = self._layer_index(module) if layer is None else layer
         if idx not in self.layers:
             return
+        if sinks is not None:
+            raise ShdError(
+                f"{type(module).__name__}: attention sinks (s_aux) take part of each row's softmax mass, so SHD "
+                "cannot rebuild this family's attention maps from q and k; distil a family without sinks"
+            )
         allowed = None
         if attention_mask is not None:
             allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(
@@ -99,6 +120,7 @@ class AttentionRecorder:
             allowed=allowed,
             causal=bool(is_causal) and allowed is None and query.shape[2] > 1,
             scaling=float(scaling if scaling is not None else query.shape[-1] ** -0.5),
+            softcap=None if softcap is None else float(softcap),
         )
 
     @contextlib.contextmanager
@@ -126,14 +148,73 @@ def shd_capture_attention(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA forward that also hands q/k/v of recorded layers to the active recorder."""
+    """SDPA forward (or the exact eager computation for soft-capping and sinks) that also hands q/k/v
+    of recorded layers to the active recorder."""
+    softcap, sinks = kwargs.pop("softcap", None), kwargs.pop("s_aux", None)
     recorder = _ACTIVE.get()
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     if recorder is not None:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
-        recorder.record(module, query, key, value, attention_mask, scaling, causal)
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-    )
+        recorder.record(module, query, key, value, attention_mask, scaling, causal, softcap, sinks)
+    if softcap is None and sinks is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    return eager_attention(module, query, key, value, attention_mask, dropout, scaling, bool(causal), softcap, sinks)
+
+
+def eager_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    is_causal: bool,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    chunk_bytes: int = EAGER_CHUNK_BYTES,
+) -> tuple[torch.Tensor, None]:
+    """The eager attention of Gemma-2 (soft-capping) and GPT-OSS (sinks), in blocks of query rows.
+
+    query [B, H, N, d], key/value [B, Hkv, M, d]; attention_mask bool [B|1, 1, N, M] (True = may attend),
+    additive float, or None (causal when is_causal, as SDPA's is_causal: upper-left, keys cut to N).
+    Per row the same operations as the eager code: scores = q k^T * scaling, softcap * tanh(scores / softcap),
+    mask, softmax in float32 (with the sink logit appended and dropped again), times V. Returns
+    ([B, N, H, d] like every attention function, None).
+    """
+    bsz, heads, n, d = query.shape
+    scaling = d**-0.5 if scaling is None else scaling
+    rep = heads // key.shape[1]
+    key, value = repeat_kv(key, rep), repeat_kv(value, rep)  # [B, H, M, d]
+    causal = is_causal and attention_mask is None and n > 1
+    if causal and key.shape[2] > n:
+        key, value = key[:, :, :n], value[:, :, :n]
+    keys = key.shape[2]
+    rows = max(1, chunk_bytes // max(1, bsz * heads * (keys + 1) * 4))
+    low = torch.finfo(query.dtype).min
+    outs = []
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        scores = torch.matmul(query[:, :, a:b], key.transpose(2, 3)) * scaling  # [B, H, c, M]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if attention_mask is not None:
+            block = attention_mask[:, :, a:b, :keys]
+            scores = scores.masked_fill(~block, low) if block.dtype == torch.bool else scores + block
+        elif causal:
+            future = torch.ones(b - a, keys, dtype=torch.bool, device=query.device).triu(a + 1)
+            scores = scores.masked_fill(future, low)
+        if sinks is not None:
+            sink = sinks.reshape(1, -1, 1, 1).expand(bsz, -1, b - a, -1).to(scores.dtype)
+            combined = torch.cat([scores, sink], dim=-1)
+            combined = combined - combined.max(dim=-1, keepdim=True).values
+            probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        probs = torch.nn.functional.dropout(probs.to(value.dtype), p=dropout, training=module.training)
+        outs.append(torch.matmul(probs, value))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
 def register() -> str:
@@ -144,9 +225,51 @@ def register() -> str:
 
 
 def enable(model: torch.nn.Module) -> None:
-    """Switch a loaded model to the capture attention (outputs unchanged: it is SDPA)."""
+    """Switch a loaded model to the capture attention (outputs unchanged: it is SDPA, or the eager
+    computation where SDPA does not apply)."""
     register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+# --------------------------------------------------------------------------- families outside the interface
+@dataclass
+class ProjectionSite:
+    """Where one layer of a family that calls SDPA itself forms q/k/v: its attention module (whose
+    call's keyword arguments hold the mask and position embeddings) and fused projection, and how
+    the projection's output [B, N, out] becomes the q [B, H, N, d], k, v [B, Hkv, N, d] SDPA gets."""
+
+    layer: int
+    attention: torch.nn.Module
+    projection: torch.nn.Module
+    split: Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    scaling: float
+    causal: bool
+
+
+def enable_projections(model: torch.nn.Module, sites: list[ProjectionSite]) -> None:
+    """Capture through hooks: the attention call's kwargs are kept by a pre-hook, and the projection's
+    forward hook records the split q/k/v of the layers the active recorder asks for. Idempotent."""
+    if getattr(model, "_shd_projection_hooks", None):
+        return
+    handles = []
+    for site in sites:
+        state: dict = {}
+
+        def keep_kwargs(module, args, kwargs, state=state):
+            state["kwargs"] = kwargs
+
+        def record(module, args, output, site=site, state=state):
+            recorder = _ACTIVE.get()
+            if recorder is None or site.layer not in recorder.layers:
+                return
+            kwargs = state.get("kwargs", {})
+            query, key, value = site.split(output, kwargs)
+            recorder.record(site.attention, query, key, value, kwargs.get("attention_mask"), site.scaling,
+                            site.causal, layer=site.layer)
+
+        handles.append(site.attention.register_forward_pre_hook(keep_kwargs, with_kwargs=True))
+        handles.append(site.projection.register_forward_hook(record))
+    model._shd_projection_hooks = handles
 
 
 register()

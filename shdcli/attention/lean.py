@@ -18,6 +18,8 @@ layer), differently:
     dk [B, Hkv, M, d] are kept for backward: O(N d) per layer instead of O(N M).
 Masked keys get a large finite negative score instead of -inf (exp gives exactly 0 either way), so no
 0 * inf appears; rows with no allowed key become uniform, as in shd.attention_scores.
+Soft-capped layers (Gemma-2, LayerRecord.softcap = c) score c tanh(q k^T scaling / c) / tau; the student's
+gradient passes through the cap, d score / d raw = (1 - tanh^2) / tau (one more chunk-sized tensor).
 """
 
 from __future__ import annotations
@@ -73,17 +75,31 @@ def _upper(c: int, device: torch.device) -> torch.Tensor:
     return torch.ones(c, c, dtype=torch.bool, device=device).triu(1)
 
 
+def _query_factor(rec: LayerRecord, tau: float) -> float:
+    """What the queries are multiplied by before q k^T: scaling / tau, or scaling alone when the
+    scores are soft-capped (the temperature then divides the capped scores, _masked_scores)."""
+    return rec.scaling if rec.softcap is not None else rec.scaling / tau
+
+
 def _masked_scores(rec: LayerRecord, q: torch.Tensor, k: torch.Tensor, start: int, stop: int, m: int,
-                   not_allowed: torch.Tensor | None) -> torch.Tensor:
+                   not_allowed: torch.Tensor | None, tau: float = 1.0, slopes: list | None = None) -> torch.Tensor:
     """Scaled, masked scores of rows [start, stop) against keys [0, m).
 
-    q [B, H, c, d] already multiplied by scaling / tau, k [B, Hkv, M, d] contiguous float32;
-    not_allowed bool [B|1, 1, N, M] or None. Returns [B, H, c, m] (contiguous, float32).
+    q [B, H, c, d] already multiplied by _query_factor, k [B, Hkv, M, d] contiguous float32;
+    not_allowed bool [B|1, 1, N, M] or None. Soft-capped records: scores = c tanh(raw / c) / tau, and
+    when `slopes` is a list the derivative (1 - tanh^2) / tau [B, H, c, m] is appended to it.
+    Returns [B, H, c, m] (contiguous, float32).
     """
     bsz, heads, c, d = q.shape
     kv = k.shape[1]
     r = heads // kv
     scores = torch.matmul(q.reshape(bsz, kv, r * c, d), k[:, :, :m].transpose(-1, -2))  # [B, Hkv, r c, m]
+    if rec.softcap is not None:
+        cap = rec.softcap
+        scores.div_(cap).tanh_()
+        if slopes is not None:
+            slopes.append((1.0 - scores * scores).div_(tau).view(bsz, heads, c, m))
+        scores.mul_(cap / tau)
     s5 = scores.view(bsz, kv, r, c, m)
     if not_allowed is not None:
         s5.masked_fill_(not_allowed[:, :, start:stop, :m].unsqueeze(2), NEG)
@@ -286,7 +302,7 @@ class TeacherChunks:
         self.stops = [max(1, max(need[a:b])) for a, b in self.bounds]
         self.teacher, self.key = teacher, teacher.key.float().contiguous()
         self.not_allowed = None if teacher.allowed is None else ~teacher.allowed
-        self.factor = teacher.scaling / tau
+        self.factor, self.tau = _query_factor(teacher, tau), tau
         self.fits = sum(bsz * ht * (b - a) * m * 4 for (a, b), m in zip(self.bounds, self.stops)) <= budget_bytes
         self.kept: list[torch.Tensor | None] = []
 
@@ -294,7 +310,8 @@ class TeacherChunks:
         """Chunk i: [B, Ht, b - a, stops[i]] float32 softmax(q k^T * scaling / tau)."""
         a, b = self.bounds[i]
         q = self.teacher.query[:, :, a:b].float() * self.factor
-        return torch.softmax(_masked_scores(self.teacher, q, self.key, a, b, self.stops[i], self.not_allowed), dim=-1)
+        return torch.softmax(_masked_scores(self.teacher, q, self.key, a, b, self.stops[i], self.not_allowed, self.tau),
+                             dim=-1)
 
     def take(self, i: int) -> torch.Tensor:
         if not self.kept:
@@ -344,7 +361,7 @@ class StudentPass:
                  row_mask: torch.Tensor | None, kind: str, tau: float) -> None:
         self.student, self.chunks, self.squeeze, self.kind = student, chunks, squeeze, kind
         self.rows_f = None if row_mask is None else row_mask.float()
-        self.factor = student.scaling / tau
+        self.factor, self.tau = _query_factor(student, tau), tau
 
     def run(self, q_s: torch.Tensor, k_s: torch.Tensor, need_grad: bool):
         """(summed loss, dq or None, dk or None) for student queries q_s [B, Hs, N, d], keys k_s [B, Hkv, M, d]."""
@@ -362,12 +379,15 @@ class StudentPass:
                 target = self.squeeze(maps)
                 del maps
                 q = q_s[:, :, a:b].float() * self.factor
-                scores = _masked_scores(self.student, q, k_f, a, b, m, s_not)
+                slopes: list[torch.Tensor] | None = [] if need_grad and self.student.softcap is not None else None
+                scores = _masked_scores(self.student, q, k_f, a, b, m, s_not, self.tau, slopes)
                 rows = None if self.rows_f is None else self.rows_f[:, a:b]
                 part, grad = _rows_loss_and_grad(scores, target, rows, self.kind, need_grad)
                 total += part
                 if need_grad:
                     c = b - a
+                    if slopes:  # through the soft cap: d score / d raw
+                        grad.mul_(slopes.pop())
                     g = grad.view(bsz, kv, -1, m)  # [B, Hkv, r c, m]
                     dq[:, :, a:b] = torch.matmul(g, k_f[:, :, :m]).view(bsz, hs, c, -1) * self.factor
                     dk[:, :, :m] += torch.matmul(g.transpose(-1, -2), q.reshape(bsz, kv, -1, q.shape[-1]))

@@ -115,7 +115,8 @@ def group_features(
 
 def _rows(record: LayerRecord, start: int, stop: int, tau: float) -> torch.Tensor:
     q = record.query[:, :, start:stop]
-    return attention_maps(q, record.keys_per_head(), record.scaling, record.allowed_rows(start, stop), tau)
+    return attention_maps(q, record.keys_per_head(), record.scaling, record.allowed_rows(start, stop), tau,
+                          record.softcap)
 
 
 def shd_loss(
@@ -175,6 +176,7 @@ def _naive_layer_loss(
         maps = _rows(t_rec, 0, n, tau)  # [B, Ht, N, M]
         w = [solve_weights(*squeeze_statistics(maps[:, g], f, row_mask), alpha) for g, f in zip(layer_groups, feats)]
         target = apply_weights(maps, layer_groups, w)  # [B, Hs, N, M]
-    scores = attention_scores(s_rec.query, s_rec.keys_per_head(), s_rec.scaling, s_rec.allowed_rows(0, n), tau)
+    scores = attention_scores(s_rec.query, s_rec.keys_per_head(), s_rec.scaling, s_rec.allowed_rows(0, n), tau,
+                              s_rec.softcap)
     part, cnt = attention_kd_rows(target, scores, row_mask, kind)
     return part, cnt, w

@@ -66,14 +66,21 @@ def group_heads(ht: int, hs: int, mode: str = "balanced") -> list[list[int]]:
 
 # --------------------------------------------------------------------------- attention maps
 def attention_scores(
-    query: torch.Tensor, key: torch.Tensor, scaling: float, allowed: torch.Tensor | None, tau: float = 1.0
+    query: torch.Tensor, key: torch.Tensor, scaling: float, allowed: torch.Tensor | None, tau: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Temperature-softened, masked attention logits.
 
     query [B, H, c, d], key [B, H, M, d] (already expanded for GQA), allowed bool broadcastable to
-    [B, H, c, M] (True = may attend) or None. Returns [B, H, c, M] float32 with -inf where masked.
+    [B, H, c, M] (True = may attend) or None. softcap: the family's logit soft-capping (Gemma-2),
+    scores = softcap * tanh(q k^T scaling / softcap) before the temperature. Returns [B, H, c, M]
+    float32 with -inf where masked.
     """
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * (scaling / tau)
+    if softcap is None:
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * (scaling / tau)
+    else:
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+        scores = torch.tanh(scores / softcap) * (softcap / tau)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
         # A query row with no allowed key (padding under a causal mask) would give NaN; make it
@@ -83,10 +90,12 @@ def attention_scores(
 
 
 def attention_maps(
-    query: torch.Tensor, key: torch.Tensor, scaling: float, allowed: torch.Tensor | None, tau: float = 1.0
+    query: torch.Tensor, key: torch.Tensor, scaling: float, allowed: torch.Tensor | None, tau: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scaling / tau) with masked keys at zero. [B, H, c, M], rows sum to 1."""
-    return torch.softmax(attention_scores(query, key, scaling, allowed, tau), dim=-1)
+    """softmax(q k^T * scaling / tau) (soft-capped first when softcap is given) with masked keys at zero.
+    [B, H, c, M], rows sum to 1."""
+    return torch.softmax(attention_scores(query, key, scaling, allowed, tau, softcap), dim=-1)
 
 
 # --------------------------------------------------------------------------- the squeeze

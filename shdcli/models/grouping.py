@@ -40,7 +40,7 @@ import torch
 
 from shdcli.attention import capture
 from shdcli.attention.shd import attention_maps, group_feature_bases, group_heads, solve_weights
-from shdcli.models.families import model_shape, output_projection
+from shdcli.models.families import enable_capture, model_shape, output_projection
 
 STATS_BUDGET_BYTES = 2 * 2**30  # head statistics kept in memory during calibration (float32)
 CHUNK_BUDGET_BYTES = 256 * 2**20  # one row chunk of the H^2 products A_h X_a
@@ -97,7 +97,8 @@ def record_statistics(
     for start in range(0, n, chunk_rows):
         stop = min(n, start + chunk_rows)
         allowed = record.allowed_rows(start, stop)
-        maps = attention_maps(record.query[:, :, start:stop], keys, record.scaling, allowed, tau)  # [B, H, c, M]
+        maps = attention_maps(record.query[:, :, start:stop], keys, record.scaling, allowed, tau,
+                              record.softcap)  # [B, H, c, M]
         rows = None if row_mask is None else row_mask[:, start:stop]
         part = head_statistics(maps, values, rows, basis)
         total = part if total is None else total + part
@@ -197,7 +198,7 @@ class RecordCost(GroupCost):
             for start in range(0, n, chunk):
                 stop = min(n, start + chunk)
                 maps = attention_maps(rec.query[:, group, start:stop], keys, rec.scaling,
-                                      rec.allowed_rows(start, stop), self.tau)
+                                      rec.allowed_rows(start, stop), self.tau, rec.softcap)
                 part = squeeze_blocks(maps, feats, None if rows is None else rows[:, start:stop])
                 acc = part if acc is None else tuple(x + y for x, y in zip(acc, part))
             for lst, x in zip(out, acc):
@@ -412,7 +413,7 @@ def _batch_size(batch: dict[str, torch.Tensor]) -> int:
 def _forward(teacher: torch.nn.Module, layers: list[int], batches: list[dict[str, torch.Tensor]],
              device: torch.device) -> Iterator[tuple[dict, torch.Tensor]]:
     """Per calibration batch: ({layer: capture.LayerRecord with values}, valid rows [B, N] bool or None)."""
-    capture.enable(teacher)
+    enable_capture(teacher)
     recorder = capture.AttentionRecorder(layers, keep_values=True)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}

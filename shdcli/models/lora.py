@@ -35,13 +35,10 @@ def _peft():
 
 
 def attention_targets(model: nn.Module) -> list[str]:
-    """Module-name suffixes of the attention projections (q/k/v/o, or GPT-2's fused c_attn + c_proj)."""
-    layer = decoder_layers(model)[0]
-    params = attention_params(layer)
-    wanted = [m for m in (params.fused_qkv, params.q, params.k, params.v, params.o) if m is not None]
-    names = {name: mod for name, mod in layer.named_modules()}
+    """In-block paths of the attention projections (models/families.py: q/k/v/o, or a fused q/k/v and o)."""
+    params = attention_params(decoder_layers(model)[0], model.config)
     # Full in-layer paths (e.g. attn.c_proj, not c_proj which is also the MLP's output in GPT-2).
-    return sorted(name for name, mod in names.items() if any(mod is w for w in wanted))
+    return sorted(params.names.values())
 
 
 def apply_lora(student: nn.Module, spec) -> nn.Module:

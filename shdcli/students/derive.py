@@ -40,7 +40,18 @@ from torch import nn
 
 from shdcli.attention.shd import group_heads
 from shdcli.errors import ShdError
-from shdcli.models.families import ModelShape, attention_params, decoder_layers, derive_student_config, model_shape
+from shdcli.models.families import (
+    AttentionWeights,
+    ModelShape,
+    attention_params,
+    decoder_layers,
+    derive_student_config,
+    is_rotary,
+    mlp_in_fused,
+    model_shape,
+    read_attention,
+    write_attention,
+)
 from shdcli.students.pruning import (
     choose_kv_groups,
     choose_layers,
@@ -178,17 +189,6 @@ def config_counter(teacher: nn.Module, task: str) -> Callable[[StudentShape], in
     return count
 
 
-def has_fixed_head_dim(config) -> bool:
-    """Llama-style configs keep head_dim when heads drop; BERT/GPT-2/ViT derive it as width / heads."""
-    config = getattr(config, "text_config", None) or config
-    return getattr(config, "head_dim", None) is not None
-
-
-def is_rotary(config) -> bool:
-    config = getattr(config, "text_config", None) or config
-    return any(getattr(config, name, None) is not None for name in ("rope_theta", "rope_parameters", "rope_scaling"))
-
-
 # --------------------------------------------------------------------------- choosing what to keep
 # Calibrated grouping: {teacher layer: (blocks, groups per block)} -> {teacher layer: (groups, reps, info)}.
 LayoutChooser = Callable[[dict[int, tuple[list[list[int]], int]]], dict[int, tuple[list, list, object]]]
@@ -289,7 +289,11 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, d: Derivation) -> 
     handled: set[int] = set()  # ids of tensors written by the attention init
     with torch.no_grad():
         for i, t_idx in enumerate(d.layers):
-            handled |= _init_attention(s_blocks[i], t_blocks[t_idx], d, i, t_shape, s_shape, channels, rotary)
+            handled |= _init_attention(attention_params(s_blocks[i], student.config),
+                                       attention_params(t_blocks[t_idx], teacher.config), d, i, t_shape, s_shape,
+                                       channels, rotary)
+            handled |= _init_fused_mlp_input(mlp_in_fused(s_blocks[i], student.config),
+                                             mlp_in_fused(t_blocks[t_idx], teacher.config), d.neurons[i], channels)
         embedding_weights = {id(m.weight) for m in student.modules() if isinstance(m, nn.Embedding)}
         t_state = teacher.state_dict()
         pattern = re.compile(rf"^{re.escape(s_prefix)}\.(\d+)\.")
@@ -336,60 +340,29 @@ def _module_name(model: nn.Module, target: nn.Module) -> str:
     raise ShdError("internal: module not found")
 
 
-@dataclass
-class _Attn:
-    """A layer's attention in x @ W orientation: q [D, Hq d], k/v [D, Hkv d], o [Hq d, D]; biases or None."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    o: torch.Tensor
-    bq: torch.Tensor | None
-    bk: torch.Tensor | None
-    bv: torch.Tensor | None
-    bo: torch.Tensor | None
-
-
-def _read_attention(params) -> _Attn:
-    if params.fused_qkv is not None:  # GPT-2 Conv1D c_attn [D, 3 H d] (x @ W), c_proj [H d, D]
-        w, b = params.fused_qkv.weight, params.fused_qkv.bias
-        q, k, v = w.double().chunk(3, dim=1)
-        bq, bk, bv = (None, None, None) if b is None else b.double().chunk(3)
-        o = params.o.weight.double()
-    else:
-        def wb(mod):
-            return mod.weight.double().t(), None if mod.bias is None else mod.bias.double()
-
-        (q, bq), (k, bk), (v, bv) = wb(params.q), wb(params.k), wb(params.v)
-        o = params.o.weight.double() if params.o_is_conv1d else params.o.weight.double().t()
-    bo = None if params.o.bias is None else params.o.bias.double()
-    return _Attn(q, k, v, o, bq, bk, bv, bo)
+def _init_fused_mlp_input(s_mod: nn.Module | None, t_mod: nn.Module | None, neurons: list[int] | None,
+                          channels: torch.Tensor | None) -> set[int]:
+    """An MLP input projection holding [gate; up] rows (Phi-3's gate_up_proj [2 I, D]): both halves take
+    the kept neurons, the input axis the kept channels."""
+    if s_mod is None or t_mod is None:
+        return set()
+    w = t_mod.weight  # [2 I, D]
+    inter = w.shape[0] // 2
+    rows = torch.arange(inter) if neurons is None else torch.tensor(neurons, dtype=torch.long)
+    rows = torch.cat([rows, rows + inter]).to(w.device)
+    picked = w.index_select(0, rows)
+    if channels is not None:
+        picked = picked.index_select(1, channels.to(w.device))
+    s_mod.weight.copy_(picked.to(s_mod.weight.dtype))
+    if s_mod.bias is not None and t_mod.bias is not None:
+        s_mod.bias.copy_(t_mod.bias.index_select(0, rows).to(s_mod.bias.dtype))
+    return {id(p) for p in s_mod.parameters(recurse=False)}
 
 
-def _write_attention(params, a: _Attn) -> set[int]:
-    if params.fused_qkv is not None:
-        params.fused_qkv.weight.copy_(torch.cat([a.q, a.k, a.v], dim=1))
-        if params.fused_qkv.bias is not None:
-            params.fused_qkv.bias.copy_(torch.cat([a.bq, a.bk, a.bv]))
-        params.o.weight.copy_(a.o)
-        mods = [params.fused_qkv, params.o]
-    else:
-        for mod, w, b in ((params.q, a.q, a.bq), (params.k, a.k, a.bk), (params.v, a.v, a.bv)):
-            mod.weight.copy_(w.t())
-            if mod.bias is not None and b is not None:
-                mod.bias.copy_(b)
-        params.o.weight.copy_(a.o if params.o_is_conv1d else a.o.t())
-        mods = [params.q, params.k, params.v, params.o]
-    if params.o.bias is not None and a.bo is not None:
-        params.o.bias.copy_(a.bo)
-    return {id(p) for m in mods for p in m.parameters(recurse=False)}
-
-
-def _init_attention(s_layer: nn.Module, t_layer: nn.Module, d: Derivation, i: int, t_shape: ModelShape,
-                    s_shape: ModelShape, channels: torch.Tensor | None, rotary: bool) -> set[int]:
-    s_params, t_params = attention_params(s_layer), attention_params(t_layer)
-    t = _read_attention(t_params)
-    s = _read_attention(s_params)  # the student's random init: shapes, and spare directions
+def _init_attention(s_params, t_params, d: Derivation, i: int, t_shape: ModelShape, s_shape: ModelShape,
+                    channels: torch.Tensor | None, rotary: bool) -> set[int]:
+    t: AttentionWeights = read_attention(t_params)
+    s = read_attention(s_params)  # the student's random init: shapes, and spare directions
     if channels is not None:  # the input axis of q/k/v and the output axis of o follow the kept channels
         t.q, t.k, t.v, t.o = t.q[channels], t.k[channels], t.v[channels], t.o[:, channels]
         t.bo = None if t.bo is None else t.bo[channels]
@@ -412,7 +385,7 @@ def _init_attention(s_layer: nn.Module, t_layer: nn.Module, d: Derivation, i: in
                 s.bq[j * ds:(j + 1) * ds] = torch.stack([head(t.bq, h, 0) for h in group]).mean(0)
             s.o[j * ds:(j + 1) * ds] = torch.stack([head(t.o, h, 0) for h in group]).sum(0)
         s.bo = t.bo
-        return _write_attention(s_params, s)
+        return write_attention(s_params, s)
 
     per_head_kv = s_shape.kv_heads == s_shape.heads and t_shape.kv_heads == t_shape.heads
     if not per_head_kv:  # MHA teacher -> GQA student: queries and keys from the representative heads
@@ -425,16 +398,25 @@ def _init_attention(s_layer: nn.Module, t_layer: nn.Module, d: Derivation, i: in
             s.k[:, m * ds:(m + 1) * ds] = _fit(head(t.k, g), ds)
             s.v[:, m * ds:(m + 1) * ds] = _fit(head(t.v, g), ds)
         s.bo = t.bo
-        return _write_attention(s_params, s)
+        return write_attention(s_params, s)
 
-    # ---- MHA: circuits per student head
+    # ---- MHA: circuits per student head; a teacher head kept as it is (a group of one, same head_dim) is copied
     bias_q = s.bq is not None and t.bq is not None
+    copied = {j for j, g in enumerate(groups) if len(g) == 1 and ds == dt}
     bo = t.bo.clone() if t.bo is not None else None
     if bo is not None and t.bv is not None:  # value bias passes attention unchanged (rows sum to 1)
-        for h in range(t_shape.heads):
+        for h in (h for j, g in enumerate(groups) if j not in copied for h in g):
             bo += head(t.bv, h, 0) @ head(t.o, h, 0)
     for j, group in enumerate(groups):
         cols = slice(j * ds, (j + 1) * ds)
+        if j in copied:
+            h = group[0]
+            s.q[:, cols], s.k[:, cols], s.v[:, cols] = head(t.q, h), head(t.k, h), head(t.v, h)
+            s.o[cols] = head(t.o, h, 0)
+            for sb, tb in ((s.bq, t.bq), (s.bk, t.bk), (s.bv, t.bv)):
+                if sb is not None:
+                    sb[cols] = 0.0 if tb is None else head(tb, h, 0)
+            continue
         if rotary:
             rep = reps[j]
             s.q[:, cols], s.k[:, cols] = _fit(head(t.q, rep), ds), _fit(head(t.k, rep), ds)
@@ -458,7 +440,7 @@ def _init_attention(s_layer: nn.Module, t_layer: nn.Module, d: Derivation, i: in
         if s.bv is not None:
             s.bv[cols] = 0.0
     s.bo = bo
-    return _write_attention(s_params, s)
+    return write_attention(s_params, s)
 
 
 def _fit(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -32,7 +32,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from shdcli.models.families import ModelShape, attention_params, decoder_layers, default_kv_heads, model_shape
+from shdcli.models.families import (
+    ModelShape,
+    attention_params,
+    decoder_layers,
+    default_kv_heads,
+    mlp_down,
+    model_shape,
+)
 from shdcli.tasks.base import Batch, model_inputs
 from shdcli.tasks.registry import get as get_task
 
@@ -160,21 +167,9 @@ def uniform_layers(teacher_layers: int, student_layers: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- width importance
-def down_projection(layer: nn.Module, intermediate: int) -> nn.Module:
-    """The MLP's output projection of a block: the Linear (or GPT-2 Conv1D) reading `intermediate` neurons."""
-    attn = attention_params(layer)
-    skip = {id(m) for m in (attn.q, attn.k, attn.v, attn.o, attn.fused_qkv) if m is not None}
-    for module in layer.modules():
-        if id(module) in skip or not hasattr(module, "weight") or getattr(module, "weight", None) is None:
-            continue
-        w = module.weight
-        if w.dim() != 2:
-            continue
-        reads = w.shape[1] if isinstance(module, nn.Linear) else w.shape[0]  # Conv1D stores [in, out]
-        if reads == intermediate:
-            return module
-    raise ValueError(f"cannot find the MLP output projection (reading {intermediate} neurons) in "
-                     f"{type(layer).__name__}")
+def down_projection(layer: nn.Module, config) -> nn.Module:
+    """The MLP's output projection of a block (models/families.py): its input is the activated neurons."""
+    return mlp_down(layer, config)
 
 
 def _is_norm(module: nn.Module, width: int) -> bool:
@@ -211,10 +206,11 @@ def width_importance(model: nn.Module, batches: list[Batch], device: torch.devic
             handles.append(module.register_forward_hook(lambda m, a, out: accumulate("channels", out.abs())))
     for i, block in enumerate(blocks):
         if shape.intermediate:
-            down = down_projection(block, shape.intermediate)
+            down = down_projection(block, model.config)
             handles.append(down.register_forward_pre_hook(
                 lambda m, args, i=i: accumulate(f"neurons.{i}", args[0].abs())))
-        w_o = _o_weight_xw(attention_params(block))  # [H d, D]
+        attn = attention_params(block, model.config)
+        w_o = _o_weight_xw(attn)  # [H d, D]
 
         def head_norms(m, args, i=i, w_o=w_o):
             x = args[0]  # [B, N, H d]
@@ -223,7 +219,7 @@ def width_importance(model: nn.Module, batches: list[Batch], device: torch.devic
             contrib = torch.einsum("bnhd,hde->bnhe", per_head, w).norm(dim=-1)  # [B, N, H]
             accumulate(f"heads.{i}", contrib)
 
-        handles.append(attention_params(block).o.register_forward_pre_hook(head_norms))
+        handles.append(attn.o.register_forward_pre_hook(head_norms))
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in model_inputs(batch).items()}

@@ -18,13 +18,13 @@ from shdcli.attention import fused_logits
 from shdcli.attention.fused_logits import next_token_nll
 from shdcli.attention.losses import causal_lm_loss, logit_kd_loss
 from shdcli.errors import ShdError
-from shdcli.models.families import model_shape
+from shdcli.models.families import causal_model_types, model_shape
 from shdcli.models.sources import load_tokenizer
 from shdcli.tasks.base import CAUSAL_LM, Batch, Forwards, QualityInputs, model_inputs
 from shdcli.tasks.data import same_tokens, text_inspect_batches, text_training_data, tokenize
 
 # Configs without `architectures` (hand-built) of these types are causal LMs.
-CAUSAL_MODEL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "gemma3_text", "phi3"}
+CAUSAL_MODEL_TYPES = causal_model_types()
 
 
 class CausalLM:

@@ -11,6 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from shdcli.errors import ShdError
+from shdcli.models.families import family_of
 from shdcli.models.sources import check_weight_files, load_weights, read_config
 from shdcli.tasks.base import Task
 from shdcli.tasks.causal_lm import CausalLM
@@ -45,6 +46,7 @@ def load_model(
     only unless allow_pickle."""
     has_safetensors = check_weight_files(folder, field, allow_pickle)
     config = read_config(folder, field, trust_remote_code)
+    family_of(config, field)  # a family the table does not know is refused here, before loading weights
     kind = get(task or task_of(config))
     model = load_weights(folder, field, kind.auto_class(), has_safetensors, allow_pickle, trust_remote_code)
     return model, kind.load_preprocessor(folder, model.config, field, trust_remote_code), kind.name
