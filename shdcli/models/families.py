@@ -160,14 +160,15 @@ def causal_model_types() -> set[str]:
 
 def supported_markdown() -> str:
     """README's list of supported families (tests/test_families.py checks README holds exactly this)."""
-    lines = ["| family | model_type | q / k / v / o | KV heads | positions, norm | notes |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| family | model_type | blocks | q / k / v / o | KV heads | positions, norm | notes |",
+             "|---|---|---|---|---|---|---|"]
     for f in FAMILIES:
         qkv = f"`{f.qkv}` ({f.layout if isinstance(f.layout, str) else 'by config'})" if f.qkv else \
             f"`{f.q}`, `{f.k}`, `{f.v}`"
         kv = "MHA" if f.kv_field is None else f"`{f.kv_field}`"
         types = ", ".join(f"`{t}`" for t in f.model_types)
-        lines.append(f"| {f.name} | {types} | {qkv}, `{f.o}` | {kv} | {f.positions}, {f.norm} | {f.notes} |")
+        lines.append(f"| {f.name} | {types} | `{f.blocks}` | {qkv}, `{f.o}` | {kv} | {f.positions}, {f.norm} | "
+                     f"{f.notes} |")
     return "\n".join(lines)
 
 
