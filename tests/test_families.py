@@ -328,6 +328,35 @@ def test_student_heads_come_from_their_teacher_heads(teachers, name):
             torch.testing.assert_close(circuit(sw, j, ds), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_mlp_pruning_is_exact_when_dropped_neurons_are_dead(name, tokenizer):
+    """Neurons the teacher's MLP output projection never reads can be pruned without changing the output:
+    a uniformly pruned student (the leading neurons) of such a teacher is the teacher. Checks the
+    intermediate config field and fused MLP inputs (Phi-3's [gate; up] rows) of every family."""
+    teacher = family_model(name, seed=7)
+    perturb(teacher, seed=8, scale=0.3)
+    t = model_shape(teacher.config)
+    keep = t.intermediate // 2
+    with torch.no_grad():
+        for block in decoder_layers(teacher):
+            down = families.mlp_down(block, teacher.config)
+            if families.family_of(teacher.config).conv1d:  # Conv1D [in, out]
+                down.weight[keep:] = 0.0
+            else:
+                down.weight[:, keep:] = 0.0
+    enable_capture(teacher.eval())
+    shape = StudentShape(t.layers, t.heads, t.kv_heads, t.hidden, keep)
+    task = TASK[FAMILY_KINDS[name]]
+    d = derive(teacher, task, shape, "uniform", "balanced", [])
+    student = build_student(teacher, student_config(teacher.config, d.layers, shape), task).eval()
+    init_from_teacher(student, teacher, d)
+    assert model_shape(student.config).intermediate == keep
+    enable_capture(student)
+    for batch in batches(name, tokenizer).values():
+        with torch.no_grad():
+            torch.testing.assert_close(first(student(**batch)), first(teacher(**batch)), rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- shd distill, 2 steps, reload
 RECIPE = {
     "student": {"from_teacher": {"layers": 2, "heads": 3, "init": "teacher"}},
