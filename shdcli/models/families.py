@@ -448,6 +448,10 @@ def derive_student_config(teacher_config, layer_pairs: list[tuple[int, int]], he
     config.num_hidden_layers = len(layer_pairs)
     config.num_attention_heads = heads
     kv = kv_heads or default_kv_heads(shape, heads)
+    fixed = _fixed_kv_heads(family, config, heads)
+    if fixed is not None and kv != fixed:
+        raise ShdError(f"student.from_teacher.kv_heads: a {shape.model_type} student with {heads} heads has {fixed} "
+                       f"key/value heads (its config has no separate setting); drop kv_heads or set it to {fixed}")
     if family.model_types[0] == "falcon":
         if config.new_decoder_architecture:
             config.num_kv_heads = kv
@@ -475,6 +479,15 @@ def derive_student_config(teacher_config, layer_pairs: list[tuple[int, int]], he
             )
     config.architectures = teacher_config.architectures
     return config
+
+
+def _fixed_kv_heads(family: Family, config, heads: int) -> int | None:
+    """KV heads a student of this family must have (None: free, set through family.kv_field)."""
+    if family.kv_field is None:
+        return heads
+    if family.model_types[0] == "falcon" and not config.new_decoder_architecture:
+        return 1 if config.multi_query else heads
+    return None
 
 
 def default_kv_heads(shape: ModelShape, heads: int) -> int:

