@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from shdcli.errors import ShdError
+from shdcli.models.families import gguf_families
 from shdcli.models.sources import TOKENIZER_FILES, source_path
 from shdcli.report import fsync_dir, make_readable, write_folder_atomic
 from shdcli.tasks.base import CAUSAL_LM
@@ -43,14 +44,8 @@ FORMATS = ("gguf", "safetensors")
 DTYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32
 
-# HF model_type -> (gguf architecture name, q/k rope permutation, Gemma norm +1)
-FAMILIES = {
-    "llama": ("llama", True, False),
-    "mistral": ("llama", True, False),  # llama.cpp runs Mistral as llama (convert_hf_to_gguf does the same)
-    "qwen2": ("qwen2", False, False),
-    "qwen3": ("qwen3", False, False),
-    "gemma3_text": ("gemma3", False, True),
-}
+# HF model_type -> (gguf architecture name, q/k rope permutation, Gemma norm +1): the family table's `gguf`
+FAMILIES = gguf_families()
 
 
 @dataclass

@@ -53,6 +53,7 @@ class Family:
     capture: str = "interface"  # interface (transformers.AttentionInterface) | falcon (projection hooks)
     notes: str = ""
     kv_heads: Callable[[object], int] | None = None  # irregular KV head counts (Falcon)
+    gguf: tuple[str, bool, bool] | None = None  # shd export: (GGUF architecture, q/k rope permutation, norm + 1)
 
     def layout_of(self, config) -> str:
         return self.layout(config) if callable(self.layout) else self.layout
@@ -98,15 +99,17 @@ FAMILIES: tuple[Family, ...] = (
            layout=_falcon_layout, o="self_attention.dense", mlp_down="mlp.dense_4h_to_h", kv_field="num_kv_heads",
            intermediate_field="ffn_hidden_size", norm="LayerNorm (pre)", capture="falcon", kv_heads=_falcon_kv_heads,
            notes="fused query_key_value: multi-query, new decoder architecture (GQA) or per-head; ALiBi refused"),
-    Family("Llama", ("llama",), "LlamaForCausalLM", **_LLAMA_LIKE, notes="SmolLM2"),
-    Family("Mistral", ("mistral",), "MistralForCausalLM", **_LLAMA_LIKE, notes="sliding window"),
-    Family("Qwen2", ("qwen2",), "Qwen2ForCausalLM", **_LLAMA_LIKE, notes="q/k/v biases"),
-    Family("Qwen3", ("qwen3",), "Qwen3ForCausalLM", **_LLAMA_LIKE, notes="q/k norms"),
+    Family("Llama", ("llama",), "LlamaForCausalLM", **_LLAMA_LIKE, notes="SmolLM2", gguf=("llama", True, False)),
+    # llama.cpp runs Mistral as llama (convert_hf_to_gguf does the same)
+    Family("Mistral", ("mistral",), "MistralForCausalLM", **_LLAMA_LIKE, notes="sliding window",
+           gguf=("llama", True, False)),
+    Family("Qwen2", ("qwen2",), "Qwen2ForCausalLM", **_LLAMA_LIKE, notes="q/k/v biases", gguf=("qwen2", False, False)),
+    Family("Qwen3", ("qwen3",), "Qwen3ForCausalLM", **_LLAMA_LIKE, notes="q/k norms", gguf=("qwen3", False, False)),
     Family("Gemma", ("gemma",), "GemmaForCausalLM", **_LLAMA_LIKE),
     Family("Gemma-2", ("gemma2",), "Gemma2ForCausalLM", **_LLAMA_LIKE,
            notes="attention and final logit soft-capping, sliding window"),
     Family("Gemma-3 (text)", ("gemma3_text",), "Gemma3ForCausalLM", **_LLAMA_LIKE,
-           notes="q/k norms, sliding and global layers"),
+           notes="q/k norms, sliding and global layers", gguf=("gemma3", False, True)),
     Family("OPT", ("opt",), "OPTForCausalLM", blocks="decoder.layers", q="self_attn.q_proj", k="self_attn.k_proj",
            v="self_attn.v_proj", o="self_attn.out_proj", mlp_down="fc2", kv_field=None, intermediate_field="ffn_dim",
            positions="learned absolute", norm="LayerNorm (pre or post)"),
@@ -153,6 +156,11 @@ def family_of(config, field: str = "model") -> Family:
     return found
 
 
+def gguf_families() -> dict[str, tuple[str, bool, bool]]:
+    """model_type -> (GGUF architecture, q/k rope permutation, Gemma norm + 1) of the families shd exports."""
+    return {t: f.gguf for f in FAMILIES if f.gguf is not None for t in f.model_types}
+
+
 def causal_model_types() -> set[str]:
     """Model types whose hand-built configs (no `architectures`) are causal LMs."""
     return {t for f in FAMILIES if f.example.endswith(("ForCausalLM", "LMHeadModel")) for t in f.model_types}
@@ -160,15 +168,16 @@ def causal_model_types() -> set[str]:
 
 def supported_markdown() -> str:
     """README's list of supported families (tests/test_families.py checks README holds exactly this)."""
-    lines = ["| family | model_type | blocks | q / k / v / o | KV heads | positions, norm | notes |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| family | model_type | blocks | q / k / v / o | KV heads | positions, norm | notes | export |",
+             "|---|---|---|---|---|---|---|---|"]
     for f in FAMILIES:
         qkv = f"`{f.qkv}` ({f.layout if isinstance(f.layout, str) else 'by config'})" if f.qkv else \
             f"`{f.q}`, `{f.k}`, `{f.v}`"
         kv = "MHA" if f.kv_field is None else f"`{f.kv_field}`"
         types = ", ".join(f"`{t}`" for t in f.model_types)
+        export = "GGUF, safetensors" if f.gguf else "safetensors"
         lines.append(f"| {f.name} | {types} | `{f.blocks}` | {qkv}, `{f.o}` | {kv} | {f.positions}, {f.norm} | "
-                     f"{f.notes} |")
+                     f"{f.notes} | {export} |")
     return "\n".join(lines)
 
 

@@ -21,6 +21,11 @@ so a student head starts as the group's merged head:
     The value bias passes attention unchanged (rows sum to 1), so it folds into the output bias.
   - MHA teachers with rotary positions: q/k from the representative head (a rotary QK circuit is not
     one matrix), V/O from the OV-circuit SVD.
+  - A teacher head kept alone (a group of one at the same head_dim) is copied as it is, so a student
+    that keeps every head and layer is the teacher exactly (tests/test_families.py, every family).
+Attention weights are read and written through models/families.py (read_attention / write_attention):
+one canonical x @ W layout whatever the family fuses (GPT-2 c_attn, GPT-NeoX / Falcon query_key_value,
+Phi-3 qkv_proj); Phi-3's fused [gate; up] MLP input keeps the same neurons in both halves.
 Directions the factorisation leaves unused start with zero query / output weights and the student's
 random key / value weights: the student computes exactly the factorised function at step 0 and the
 spare directions can still learn.
