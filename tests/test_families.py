@@ -517,3 +517,18 @@ def test_families_table_script_writes_the_readme_block(tmp_path):
     runpy.run_path(str(ROOT / "scripts" / "families_table.py"), run_name="script")["update"](readme)
     text = readme.read_text()
     assert text == f"intro\n<!-- families:start -->\n{families.supported_markdown()}\n<!-- families:end -->\nrest\n"
+
+
+def test_depth_search_distance_in_row_chunks_equals_the_whole(monkeypatch):
+    """The causal LM's token KL (importance pruning) in chunks of rows equals the one-shot formula."""
+    from shdcli.tasks import causal_lm
+
+    gen = torch.Generator().manual_seed(2)
+    ref, out = torch.randn(3, 7, 50, generator=gen) * 3, torch.randn(3, 7, 50, generator=gen) * 3
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[2, 4:] = 0
+    log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(out, -1)
+    want = float(((log_p.exp() * (log_p - log_q)).sum(-1) * mask).sum() / mask.sum())
+    monkeypatch.setattr(causal_lm, "DISTANCE_CHUNK_BYTES", 4 * 50 * 4)  # 4 rows per chunk
+    got = causal_lm.CausalLM().output_distance(ref, out, {"attention_mask": mask})
+    assert got == pytest.approx(want, rel=1e-5)

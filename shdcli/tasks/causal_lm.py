@@ -23,6 +23,7 @@ from shdcli.models.sources import load_tokenizer
 from shdcli.tasks.base import CAUSAL_LM, Batch, Forwards, QualityInputs, model_inputs
 from shdcli.tasks.data import same_tokens, text_inspect_batches, text_training_data, tokenize
 
+DISTANCE_CHUNK_BYTES = 64 * 2**20  # one [rows, V] float32 temporary of the depth search's token KL
 # Configs without `architectures` (hand-built) of these types are causal LMs.
 CAUSAL_MODEL_TYPES = causal_model_types()
 
@@ -105,11 +106,17 @@ class CausalLM:
         return model(**model_inputs(batch)).logits.float()  # [B, N, V]
 
     def output_distance(self, reference: torch.Tensor, output: torch.Tensor, batch: Batch) -> float:
-        """Token KL(teacher || pruned) over valid positions."""
-        log_p, log_q = F.log_softmax(reference, -1), F.log_softmax(output, -1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [B, N]
-        mask = batch["attention_mask"].to(kl.dtype)
-        return float((kl * mask).sum() / mask.sum().clamp_min(1.0))
+        """Token KL(teacher || pruned) over valid positions, in chunks of token rows (a 262k vocabulary
+        makes each [rows, V] float32 temporary large)."""
+        ref, out = reference.flatten(0, 1), output.flatten(0, 1)  # [B N, V]
+        mask = batch["attention_mask"].flatten().to(ref.dtype)
+        rows = max(1, DISTANCE_CHUNK_BYTES // (4 * ref.shape[-1]))
+        total = ref.new_zeros(())
+        for a in range(0, ref.shape[0], rows):
+            log_p, log_q = F.log_softmax(ref[a:a + rows], -1), F.log_softmax(out[a:a + rows], -1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [rows]
+            total += (kl * mask[a:a + rows]).sum()
+        return float(total / mask.sum().clamp_min(1.0))
 
     def inspect_batches(self, folder, preprocessor, data, samples, seq_len, batch_size, max_positions):
         batches, data = text_inspect_batches(preprocessor, folder, data, samples, seq_len, batch_size,
