@@ -14,6 +14,7 @@ import torch
 from shdcli import heads
 from shdcli.attention import shd
 from shdcli.models.families import attention_params, decoder_layers, model_shape
+from shdcli.tasks.data import read_documents
 from shdcli.tasks.registry import load_model
 from tests.conftest import run_cli, run_main
 from tests.test_vision import save_teacher, write_npz
@@ -90,7 +91,7 @@ def test_calibrated_finds_permuted_copies(tiny_models, tmp_path):
 def test_contiguous_error_matches_balanced_run(tiny_models):
     """The contiguous column is the balanced grouping's error on the same samples."""
     model, tokenizer, task = load_model(tiny_models["gpt2"], "MODEL")
-    batches = heads.text_batches(heads.read_documents("builtin:sentences")[:40], tokenizer, task, 4, 16, 2)
+    batches = heads.text_batches(read_documents("builtin:sentences")[:40], tokenizer, task, 4, 16, 2)
     grouper = heads.groups_per_layer_grouper(6, 2, {0: [[0, 5], [1, 2, 3, 4]]})
     custom = heads.inspect_heads(model, batches, 2, grouper=grouper, grouping="custom", compare_contiguous=True)
     plain = heads.inspect_heads(model, batches, 2)
