@@ -532,3 +532,13 @@ def test_depth_search_distance_in_row_chunks_equals_the_whole(monkeypatch):
     monkeypatch.setattr(causal_lm, "DISTANCE_CHUNK_BYTES", 4 * 50 * 4)  # 4 rows per chunk
     got = causal_lm.CausalLM().output_distance(ref, out, {"attention_mask": mask})
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_multimodal_gemma3_is_refused_but_its_shape_reads():
+    from transformers import Gemma3Config
+
+    config = Gemma3Config(text_config={"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
+                                       "head_dim": 8, "hidden_size": 32, "vocab_size": 100})
+    assert model_shape(config).model_type == "gemma3_text"
+    with pytest.raises(ShdError, match="model type 'gemma3'"):
+        families.family_of(config, "teacher.path")

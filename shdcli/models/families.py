@@ -135,8 +135,9 @@ def supported_types() -> list[str]:
 
 
 def find_family(config) -> Family | None:
-    """The table entry of a config's model type, or None."""
-    return _BY_TYPE.get(getattr(_text_config(config), "model_type", None) or getattr(config, "model_type", ""))
+    """The table entry of a config's model type, or None. A multimodal wrapper (Gemma-3's gemma3, with a
+    vision tower beside its text model) is its own type: not in the table."""
+    return _BY_TYPE.get(getattr(config, "model_type", None) or "")
 
 
 def family_of(config, field: str = "model") -> Family:
