@@ -542,3 +542,26 @@ def test_multimodal_gemma3_is_refused_but_its_shape_reads():
     assert model_shape(config).model_type == "gemma3_text"
     with pytest.raises(ShdError, match="model type 'gemma3'"):
         families.family_of(config, "teacher.path")
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3_text"])
+def test_narrower_gemma_student_keeps_embeddings_and_head(name):
+    """Gemma scales embeddings by sqrt(width): a width-pruned student's embedding of each kept channel is the
+    teacher's, and its tied head maps a normalised state to the teacher's logits over those channels."""
+    teacher = family_model(name, seed=3)
+    perturb(teacher, seed=4, scale=0.3)
+    t = model_shape(teacher.config)
+    shape = StudentShape(t.layers, t.heads, t.kv_heads, 32, t.intermediate)
+    d = derive(teacher.eval(), "causal-lm", shape, "uniform", "balanced", [])
+    student = build_student(teacher, student_config(teacher.config, d.layers, shape), "causal-lm").eval()
+    init_from_teacher(student, teacher, d)
+    assert d.channels == list(range(32))
+    ids = torch.randint(4, 400, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(student.get_input_embeddings()(ids), teacher.get_input_embeddings()(ids)[..., :32])
+        x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+        unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + teacher.config.rms_norm_eps)  # RMS-normalised
+        t_scale = 1.0 + teacher.model.norm.weight[:32]
+        want = (unit * t_scale) @ teacher.get_output_embeddings().weight[:, :32].t()
+        got = student.get_output_embeddings()(student.model.norm(x))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

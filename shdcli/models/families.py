@@ -54,6 +54,8 @@ class Family:
     notes: str = ""
     kv_heads: Callable[[object], int] | None = None  # irregular KV head counts (Falcon)
     gguf: tuple[str, bool, bool] | None = None  # shd export: (GGUF architecture, q/k rope permutation, norm + 1)
+    final_norm: str | None = None  # the norm before the LM head, inside the base model (Gemma: x (1 + w))
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma 1
 
     def layout_of(self, config) -> str:
         return self.layout(config) if callable(self.layout) else self.layout
@@ -78,6 +80,7 @@ def _falcon_kv_heads(config) -> int:
 
 _LLAMA_LIKE = dict(blocks="layers", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
                    o="self_attn.o_proj", mlp_down="mlp.down_proj", head_dim_fixed=True)
+_GEMMA = dict(final_norm="norm", norm_offset=1.0)  # embeddings x sqrt(width), norms x (1 + w)
 _BERT_LIKE = dict(blocks="encoder.layer", q="attention.self.query", k="attention.self.key",
                   v="attention.self.value", o="attention.output.dense", mlp_down="output.dense", kv_field=None,
                   positions="learned absolute", norm="LayerNorm (post)")
@@ -105,10 +108,10 @@ FAMILIES: tuple[Family, ...] = (
            gguf=("llama", True, False)),
     Family("Qwen2", ("qwen2",), "Qwen2ForCausalLM", **_LLAMA_LIKE, notes="q/k/v biases", gguf=("qwen2", False, False)),
     Family("Qwen3", ("qwen3",), "Qwen3ForCausalLM", **_LLAMA_LIKE, notes="q/k norms", gguf=("qwen3", False, False)),
-    Family("Gemma", ("gemma",), "GemmaForCausalLM", **_LLAMA_LIKE),
-    Family("Gemma-2", ("gemma2",), "Gemma2ForCausalLM", **_LLAMA_LIKE,
+    Family("Gemma", ("gemma",), "GemmaForCausalLM", **_LLAMA_LIKE, **_GEMMA),
+    Family("Gemma-2", ("gemma2",), "Gemma2ForCausalLM", **_LLAMA_LIKE, **_GEMMA,
            notes="attention and final logit soft-capping, sliding window"),
-    Family("Gemma-3 (text)", ("gemma3_text",), "Gemma3ForCausalLM", **_LLAMA_LIKE,
+    Family("Gemma-3 (text)", ("gemma3_text",), "Gemma3ForCausalLM", **_LLAMA_LIKE, **_GEMMA,
            notes="q/k norms, sliding and global layers", gguf=("gemma3", False, True)),
     Family("OPT", ("opt",), "OPTForCausalLM", blocks="decoder.layers", q="self_attn.q_proj", k="self_attn.k_proj",
            v="self_attn.v_proj", o="self_attn.out_proj", mlp_down="fc2", kv_field=None, intermediate_field="ffn_dim",
@@ -320,6 +323,19 @@ def output_projection(model: nn.Module, layer: int) -> torch.Tensor:
     params = attention_params(decoder_layers(model)[layer], model.config)
     weight = params.o.weight
     return weight if params.o_is_conv1d else weight.t()
+
+
+def embedding_scale(model: nn.Module) -> float:
+    """The constant a family multiplies its token embeddings by (Gemma: sqrt(width); else 1)."""
+    return float(getattr(model.get_input_embeddings(), "scalar_embed_scale", 1.0))
+
+
+def final_norm(model: nn.Module) -> tuple[nn.Module, float] | None:
+    """(the norm before the LM head, its offset: it scales by offset + weight), where the table knows it."""
+    family = family_of(model.config)
+    if family.final_norm is None:
+        return None
+    return _module(model.base_model, family.final_norm), family.norm_offset
 
 
 # --------------------------------------------------------------------------- fused layouts

@@ -51,6 +51,8 @@ from shdcli.models.families import (
     attention_params,
     decoder_layers,
     derive_student_config,
+    embedding_scale,
+    final_norm,
     is_rotary,
     mlp_in_fused,
     model_shape,
@@ -315,6 +317,24 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, d: Derivation) -> 
             neurons = None if layer is None or d.neurons[layer] is None else torch.tensor(d.neurons[layer])
             _copy_indexed(param.data, t_state[src_name], t_shape, channels, neurons,
                           skip_dim0=id(param) in embedding_weights)
+        _match_embedding_scale(student, teacher)
+
+
+def _match_embedding_scale(student: nn.Module, teacher: nn.Module) -> None:
+    """Families that multiply token embeddings by a width-dependent constant (Gemma: sqrt(width)) would
+    feed a narrower student embeddings sqrt(D_s / D_t) too small: the student's embedding rows are scaled
+    by the ratio so each kept channel starts as the teacher's. A tied LM head reads the same rows, so the
+    final norm's scale (offset + weight) is divided by the ratio: the logits of the normalised state stay."""
+    ratio = embedding_scale(teacher) / embedding_scale(student)
+    if ratio == 1.0:
+        return
+    emb = student.get_input_embeddings()
+    emb.weight.mul_(ratio)
+    head = student.get_output_embeddings()
+    norm = final_norm(student)
+    if head is not None and head.weight is emb.weight and norm is not None:
+        module, offset = norm
+        module.weight.copy_((offset + module.weight) / ratio - offset)
 
 
 def _copy_indexed(dst: torch.Tensor, src: torch.Tensor, t_shape: ModelShape, channels: torch.Tensor | None,
