@@ -22,7 +22,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from transformers.utils import logging as hf_logging  # noqa: E402
+
 from tests.tiny import FAMILY_KINDS, save_family, write_image_npz, write_text  # noqa: E402
+
+hf_logging.disable_progress_bar()
 
 TRIAL = ["qwen2", "qwen3", "mistral", "opt", "roberta", "electra", "gpt_neox", "phi3", "distilbert", "gemma2"]
 

@@ -123,8 +123,9 @@ def family_model(name: str, vocab: int = 400, layers: int = 2, heads: int = 6, k
         return tf.Gemma2ForCausalLM(tf.Gemma2Config(**gqa, query_pre_attn_scalar=d, sliding_window=4,
                                                     attn_logit_softcapping=2.0, final_logit_softcapping=3.0))
     if name == "gemma3_text":
+        types = (["sliding_attention", "full_attention"] * layers)[:layers]
         return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**gqa, query_pre_attn_scalar=d, sliding_window=4,
-                                                        layer_types=["sliding_attention", "full_attention"][:layers]))
+                                                        layer_types=types))
     if name == "opt":
         return tf.OPTForCausalLM(tf.OPTConfig(**dec, ffn_dim=2 * hidden, word_embed_proj_dim=hidden))
     if name in ("bert", "roberta", "xlm-roberta", "electra"):
