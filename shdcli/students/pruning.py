@@ -167,11 +167,6 @@ def uniform_layers(teacher_layers: int, student_layers: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- width importance
-def down_projection(layer: nn.Module, config) -> nn.Module:
-    """The MLP's output projection of a block (models/families.py): its input is the activated neurons."""
-    return mlp_down(layer, config)
-
-
 def _is_norm(module: nn.Module, width: int) -> bool:
     weight = getattr(module, "weight", None)
     return ("norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor)
@@ -206,7 +201,7 @@ def width_importance(model: nn.Module, batches: list[Batch], device: torch.devic
             handles.append(module.register_forward_hook(lambda m, a, out: accumulate("channels", out.abs())))
     for i, block in enumerate(blocks):
         if shape.intermediate:
-            down = down_projection(block, model.config)
+            down = mlp_down(block, model.config)  # its input: the activated neurons
             handles.append(down.register_forward_pre_hook(
                 lambda m, args, i=i: accumulate(f"neurons.{i}", args[0].abs())))
         attn = attention_params(block, model.config)
