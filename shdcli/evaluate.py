@@ -165,8 +165,12 @@ def _shape_text(shape: ModelShape) -> str:
 
 
 def evaluate_models(students: list[EvalModel], teacher: EvalModel | None, heldout: HeldOut,
-                    options: EvalOptions, log: Callable[[str], None] = lambda _: None) -> dict:
-    """Every metric for every student (and the teacher), as flat dicts of numbers. See module docstring."""
+                    options: EvalOptions, log: Callable[[str], None] = lambda _: None,
+                    teacher_memo: dict | None = None) -> dict:
+    """Every metric for every student (and the teacher), as flat dicts of numbers. See module docstring.
+
+    teacher_memo: the teacher's held-out quality from an earlier call on the same text and options
+    (filled here): `shd distill` scores its student twice (at init and at the end), the teacher once."""
     device = options.device
     task = teacher.task if teacher is not None else students[0].task
     tokenizer = teacher.tokenizer if teacher is not None else students[0].tokenizer
@@ -189,10 +193,17 @@ def evaluate_models(students: list[EvalModel], teacher: EvalModel | None, heldou
 
     quality = QualityInputs(heldout.docs, tokenizer, options.seq_len, options.stride, options.max_tokens, batches,
                             options.similarity, options.batch_size, device)
+    memo_key = (heldout.source, len(heldout.docs), options.seq_len, options.stride, options.max_tokens,
+                options.samples, options.batch_size, options.similarity, str(device))
     for m in everyone:
+        if m is teacher and teacher_memo is not None and memo_key in teacher_memo:
+            entries[id(m)].update(teacher_memo[memo_key])
+            continue
         log(f"quality: {m.name}")
         judge = None if m is teacher else (teacher.model if teacher is not None else None)
         entries[id(m)].update(kind.quality(m.model, m.tokenizer, judge, quality, notes, m.name))
+        if m is teacher and teacher_memo is not None:
+            teacher_memo[memo_key] = {k: v for k, v in entries[id(m)].items() if k not in _base_entry(m)}
 
     if teacher is not None and options.attention:
         t_shape = model_shape(teacher.model.config)
@@ -432,10 +443,11 @@ def final_evaluation(setup, student_dir: Path | None, speed: bool = True) -> dic
                           batch_size=recipe.data.batch_size, speed=speed, speed_seconds=1.0, device=str(setup.device))
     was_training = setup.student.training
     try:
-        out = _flat(evaluate_models([student], teacher, heldout, options))
+        out = _flat(evaluate_models([student], teacher, heldout, options, teacher_memo=setup.teacher_eval_memo))
         if recipe.data.ood_eval:
             ood = ood_heldout(recipe.data.ood_eval)
-            result = evaluate_models([student], teacher, ood, replace(options, speed=False, attention=False))
+            result = evaluate_models([student], teacher, ood, replace(options, speed=False, attention=False),
+                                     teacher_memo=setup.teacher_eval_memo)
             out.update({_ood_key(k): v for k, v in _flat(result).items() if _is_quality(k)})
     finally:
         setup.student.train(was_training)

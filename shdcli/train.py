@@ -71,6 +71,8 @@ class Setup:
     derivation: Derivation | None = None  # what a derived student kept of its teacher (students/derive.py)
     # Optional memo of teacher forwards keyed by batch content (benchmarks reuse one teacher pass across runs).
     teacher_cache: dict | None = None
+    # The teacher's held-out quality, kept from the init evaluation for the final one (evaluate.evaluate_models).
+    teacher_eval_memo: dict = field(default_factory=dict)
     step: int = 0  # index of the optimizer step being taken (0-based): the SHD schedule reads it
     shd_grad_scale: float | None = None  # balance=grad: the last scale of the SHD gradient (balance.py)
     teacher_recorder: capture.AttentionRecorder = field(init=False)

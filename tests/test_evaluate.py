@@ -13,7 +13,7 @@ from rich.console import Console
 
 from shdcli import evaluate
 from shdcli.evaluate import EvalModel, EvalOptions, HeldOut
-from shdcli.tasks import causal_lm, encoder
+from shdcli.tasks import causal_lm, encoder, registry
 from shdcli.tasks.registry import load_model
 from tests.conftest import run_cli, run_main
 from tests.tiny import make_tiny
@@ -132,6 +132,31 @@ def test_model_against_itself_agrees_perfectly(tiny_models):
     assert s["shd_kl"] == pytest.approx(0.0, abs=1e-5)
     assert s["params_ratio"] == 1.0 and s["disk_ratio"] == 1.0
     assert any("no sentence-similarity set" in n for n in result["notes"])
+
+
+def test_teacher_memo_scores_the_teacher_once_with_the_same_numbers(tiny_models, monkeypatch):
+    """shd distill evaluates at init and at the end: the second call reuses the teacher's perplexity."""
+    teacher, tokenizer, task = load_model(tiny_models["llama"], "MODEL")
+    student, _, _ = load_model(tiny_models["llama"], "MODEL")
+    with torch.no_grad():
+        student.model.layers[0].mlp.down_proj.weight.mul_(3.0)  # a different student: its numbers differ
+    scored = []
+    kind = registry.get(task)
+    real = type(kind).quality
+    monkeypatch.setattr(type(kind), "quality", lambda self, model, *a: scored.append(model) or real(self, model, *a))
+    memo: dict = {}
+    args = (HeldOut(evaluate.read_documents("builtin:sentences")[:20], "test"),
+            EvalOptions(seq_len=16, samples=4, batch_size=2, speed=False, attention=False, max_tokens=200))
+    first = evaluate.evaluate_models([EvalModel("s", student, tokenizer, task)],
+                                     EvalModel("t", teacher, tokenizer, task), *args, teacher_memo=memo)
+    second = evaluate.evaluate_models([EvalModel("s", student, tokenizer, task)],
+                                      EvalModel("t", teacher, tokenizer, task), *args, teacher_memo=memo)
+    assert [m is teacher for m in scored] == [True, False, False]  # teacher once, the student each time
+    assert first["teacher"] == second["teacher"] and first["students"] == second["students"]
+    assert first["teacher"]["perplexity"] != first["students"][0]["perplexity"]
+    fresh = evaluate.evaluate_models([EvalModel("s", student, tokenizer, task)],
+                                     EvalModel("t", teacher, tokenizer, task), *args)
+    assert fresh["teacher"] == first["teacher"]
 
 
 def test_attention_fidelity_is_zero_for_itself_and_positive_for_another_model(tiny_models, tmp_path):
