@@ -17,7 +17,6 @@ import torch  # noqa: E402
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
 from shdcli import demo, distributed, evaluate, export, heads  # noqa: E402
 from shdcli.checkpoint import Interrupted  # noqa: E402
@@ -41,6 +40,8 @@ _DEBUG = False
 
 
 def _offline() -> None:
+    from transformers.utils import logging as hf_logging  # third-party, lazy: `shd --help` needs none of it
+
     hf_logging.disable_progress_bar()
 
 
@@ -282,7 +283,6 @@ def _device(name: str) -> str:
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
-    _offline()
     debug = "--debug" in sys.argv
     try:
         app(standalone_mode=False)

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from shdcli.errors import ShdError
 
@@ -137,6 +136,19 @@ class AttentionRecorder:
 _ACTIVE: contextvars.ContextVar[AttentionRecorder | None] = contextvars.ContextVar("shd_recorder", default=None)
 
 
+@functools.cache
+def _hf():
+    """transformers' attention registries and SDPA path, imported on first use: importing them pulls in
+    transformers' modeling stack (seconds of CPU), which `shd --help` and recipe errors do not need."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    return SimpleNamespace(AttentionInterface=AttentionInterface, repeat_kv=repeat_kv,
+                           sdpa_attention_forward=sdpa_attention_forward,
+                           AttentionMaskInterface=AttentionMaskInterface, sdpa_mask=sdpa_mask)
+
+
 def shd_capture_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -156,7 +168,7 @@ def shd_capture_attention(
     if recorder is not None:
         recorder.record(module, query, key, value, attention_mask, scaling, causal, softcap, sinks)
     if softcap is None and sinks is None:
-        return sdpa_attention_forward(
+        return _hf().sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     return eager_attention(module, query, key, value, attention_mask, dropout, scaling, bool(causal), softcap, sinks)
@@ -186,7 +198,7 @@ def eager_attention(
     bsz, heads, n, d = query.shape
     scaling = d**-0.5 if scaling is None else scaling
     rep = heads // key.shape[1]
-    key, value = repeat_kv(key, rep), repeat_kv(value, rep)  # [B, H, M, d]
+    key, value = _hf().repeat_kv(key, rep), _hf().repeat_kv(value, rep)  # [B, H, M, d]
     causal = is_causal and attention_mask is None and n > 1
     if causal and key.shape[2] > n:
         key, value = key[:, :, :n], value[:, :, :n]
@@ -219,8 +231,9 @@ def eager_attention(
 
 def register() -> str:
     """Register the capture function (and SDPA's mask builder for it). Idempotent."""
-    AttentionInterface.register(ATTN_IMPLEMENTATION, shd_capture_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    hf = _hf()
+    hf.AttentionInterface.register(ATTN_IMPLEMENTATION, shd_capture_attention)
+    hf.AttentionMaskInterface.register(ATTN_IMPLEMENTATION, hf.sdpa_mask)
     return ATTN_IMPLEMENTATION
 
 
@@ -270,6 +283,3 @@ def enable_projections(model: torch.nn.Module, sites: list[ProjectionSite]) -> N
         handles.append(site.attention.register_forward_pre_hook(keep_kwargs, with_kwargs=True))
         handles.append(site.projection.register_forward_hook(record))
     model._shd_projection_hooks = handles
-
-
-register()
