@@ -92,13 +92,17 @@ CONFIGS = {"full": FULL, "quick": QUICK, "vocab262k": WIDE_VOCAB,
 
 
 def build_real(cfg: Real, seq_len: int, device: torch.device):
-    """train.prepare on the recipe (real teacher, derived student), with logit KD and SHD on."""
+    """train.prepare on the recipe (real teacher, derived student), with logit KD and SHD on. The student
+    keeps the recipe's shape but is cut with `prune: uniform`: which layers and channels it keeps does
+    not change a step's cost, and the importance search at N = 512-2048 would take longer than the
+    measurement (the shape rule does not depend on the pruning mode)."""
     from rich.console import Console
 
     from shdcli.recipe import load_recipe
     from shdcli.train import prepare
 
     recipe = load_recipe(ROOT / cfg.recipe, [f"data.seq_len={seq_len}", "distill.logit=1.0", "distill.shd=1.0",
+                                             "student.from_teacher.prune=uniform",
                                              f"train.device={device.type}", f"train.threads={torch.get_num_threads()}"])
     setup = prepare(recipe, Console(quiet=True))
     assert setup.student.config.vocab_size == cfg.vocab, setup.student.config.vocab_size
