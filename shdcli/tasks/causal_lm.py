@@ -19,16 +19,15 @@ from shdcli.attention.fused_logits import next_token_nll
 from shdcli.attention.losses import causal_lm_loss, logit_kd_loss
 from shdcli.errors import ShdError
 from shdcli.models.families import causal_model_types, model_shape
-from shdcli.models.sources import load_tokenizer
 from shdcli.tasks.base import CAUSAL_LM, Batch, Forwards, QualityInputs, model_inputs
-from shdcli.tasks.data import same_tokens, text_inspect_batches, text_training_data, tokenize
+from shdcli.tasks.data import TextTask, same_tokens, tokenize
 
 DISTANCE_CHUNK_BYTES = 64 * 2**20  # one [rows, V] float32 temporary of the depth search's token KL
 # Configs without `architectures` (hand-built) of these types are causal LMs.
 CAUSAL_MODEL_TYPES = causal_model_types()
 
 
-class CausalLM:
+class CausalLM(TextTask):
     name = CAUSAL_LM
     packed = True
     ddp_find_unused = False
@@ -44,18 +43,6 @@ class CausalLM:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM
-
-    def load_preprocessor(self, folder, config, field: str, trust_remote_code: bool):
-        return load_tokenizer(folder, field, trust_remote_code)
-
-    def training_data(self, recipe, preprocessor, config, world: int):
-        return text_training_data(recipe, preprocessor, True, world)
-
-    def inputs(self, batch: Batch) -> Batch:
-        return model_inputs(batch)
-
-    def row_mask(self, batch: Batch) -> torch.Tensor | None:
-        return batch["attention_mask"].bool()
 
     def uses_logit_kd(self, distill, teacher: nn.Module, student: nn.Module) -> bool:
         if distill.logit <= 0:
@@ -118,10 +105,6 @@ class CausalLM:
             total += (kl * mask[a:a + rows]).sum()
         return float(total / mask.sum().clamp_min(1.0))
 
-    def inspect_batches(self, folder, preprocessor, data, samples, seq_len, batch_size, max_positions):
-        batches, data = text_inspect_batches(preprocessor, folder, data, samples, seq_len, batch_size,
-                                             max_positions, packed=True)
-        return batches, data, preprocessor
 
 
 # --------------------------------------------------------------------------- perplexity

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from shdcli import distributed
 from shdcli.errors import ShdError
-from shdcli.models.sources import cache_dir
+from shdcli.models.sources import cache_dir, load_tokenizer
+from shdcli.tasks.base import Batch, model_inputs
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # shdcli/assets
 BUILTIN = {
@@ -581,3 +582,28 @@ def _build_stream_cache(folder: Path, path: str, text_field: str, tokenizer, seq
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class TextTask:
+    """What causal LMs and encoders share as Tasks (tasks/base.py): the tokenizer beside the weights,
+    text rows (packed blocks when `packed`), every non-padding query row counted, and text samples
+    for `shd inspect-heads`. Subclasses set `packed` and the rest of the protocol."""
+
+    packed: bool
+
+    def load_preprocessor(self, folder, config, field: str, trust_remote_code: bool):
+        return load_tokenizer(folder, field, trust_remote_code)
+
+    def training_data(self, recipe, preprocessor, config, world: int):
+        return text_training_data(recipe, preprocessor, self.packed, world)
+
+    def inputs(self, batch: Batch) -> Batch:
+        return model_inputs(batch)
+
+    def row_mask(self, batch: Batch) -> torch.Tensor | None:
+        return batch["attention_mask"].bool()
+
+    def inspect_batches(self, folder, preprocessor, data, samples, seq_len, batch_size, max_positions):
+        batches, data = text_inspect_batches(preprocessor, folder, data, samples, seq_len, batch_size,
+                                             max_positions, packed=self.packed)
+        return batches, data, preprocessor

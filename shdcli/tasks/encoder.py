@@ -17,15 +17,14 @@ from torch import nn
 
 from shdcli.attention.losses import embedding_loss, mean_pool
 from shdcli.errors import ShdError
-from shdcli.models.sources import load_tokenizer
-from shdcli.tasks.base import ENCODER, Batch, Forwards, QualityInputs, model_inputs
-from shdcli.tasks.data import same_tokens, text_inspect_batches, text_training_data
+from shdcli.tasks.base import ENCODER, Batch, Forwards, QualityInputs
+from shdcli.tasks.data import TextTask, same_tokens
 
 NO_SIMILARITY_NOTE = ("no sentence-similarity set ships offline (see offline_assets.md), so no Spearman "
                       "against human scores; pass --similarity FILE.tsv (sentence1<TAB>sentence2<TAB>score)")
 
 
-class Encoder:
+class Encoder(TextTask):
     name = ENCODER
     packed = False
     ddp_find_unused = True  # a BertModel's pooler: the embedding loss never reads it
@@ -38,18 +37,6 @@ class Encoder:
         from transformers import AutoModel
 
         return AutoModel
-
-    def load_preprocessor(self, folder, config, field: str, trust_remote_code: bool):
-        return load_tokenizer(folder, field, trust_remote_code)
-
-    def training_data(self, recipe, preprocessor, config, world: int):
-        return text_training_data(recipe, preprocessor, False, world)
-
-    def inputs(self, batch: Batch) -> Batch:
-        return model_inputs(batch)
-
-    def row_mask(self, batch: Batch) -> torch.Tensor | None:
-        return batch["attention_mask"].bool()
 
     def uses_logit_kd(self, distill, teacher: nn.Module, student: nn.Module) -> bool:
         return False  # an encoder has no logits: its task loss is already a match to the teacher
@@ -97,10 +84,6 @@ class Encoder:
     def output_distance(self, reference: torch.Tensor, output: torch.Tensor, batch: Batch) -> float:
         return float((1.0 - F.cosine_similarity(reference, output, dim=-1)).mean())
 
-    def inspect_batches(self, folder, preprocessor, data, samples, seq_len, batch_size, max_positions):
-        batches, data = text_inspect_batches(preprocessor, folder, data, samples, seq_len, batch_size,
-                                             max_positions, packed=False)
-        return batches, data, preprocessor
 
 
 def channels_match(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor, channels: list[int]) -> bool:
