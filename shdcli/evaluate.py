@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from shdcli import distributed
 from shdcli.attention import capture
 from shdcli.attention.fused_logits import forward_in_row_chunks
 from shdcli.attention.losses import shd_loss
@@ -111,7 +112,8 @@ def measure_speed(models: list[torch.nn.Module], input_ids: torch.Tensor, device
         forward_in_row_chunks(model, batch)
     times: list[list[float]] = [[] for _ in models]
     start = time.perf_counter()
-    while len(times[0]) < min_reps or (time.perf_counter() - start < seconds and len(times[0]) < max_reps):
+    while _all_ranks_agree(len(times[0]) < min_reps or (time.perf_counter() - start < seconds
+                                                        and len(times[0]) < max_reps), device):
         for i, model in enumerate(models):
             sync()
             t0 = time.perf_counter()
@@ -121,6 +123,14 @@ def measure_speed(models: list[torch.nn.Module], input_ids: torch.Tensor, device
     tokens = input_ids.numel()
     return [{"latency_ms": 1e3 * statistics.median(t), "tokens_per_s": tokens / statistics.median(t), "reps": len(t)}
             for t in times]
+
+
+def _all_ranks_agree(more: bool, device: torch.device | str) -> bool:
+    """Another timing round only if every rank wants one: an FSDP student's forward is a collective, so
+    ranks whose clocks disagree on the time budget must still run the same number of passes."""
+    world = distributed.info().world
+    return more if world == 1 else distributed.all_reduce_sum({"more": float(more)}, torch.device(device))[
+        "more"] >= world
 
 
 # --------------------------------------------------------------------------- one evaluation
