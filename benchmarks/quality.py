@@ -618,12 +618,14 @@ def apply_setting_overrides(settings: dict, students: list[str], overrides: list
     return out
 
 
-def parallel(argv: list[str], methods: list[str], jobs: int, folder: Path) -> list[str]:
+def parallel(argv: list[str], methods: list[str], jobs: int, folder: Path, memo_gb: float) -> list[str]:
     """Run `jobs` single-thread copies of this script, the methods split round-robin between them (the
-    baseline in the first), each writing its JSON into folder; returns the JSON paths."""
+    baseline in the first), each writing its JSON into folder; returns the JSON paths. memo_gb is the
+    teacher memo's budget for all of them together: each copy gets its share (two SmolLM2 processes
+    with 4 GB each, beside their models, filled 20 of a 24 GB machine)."""
     script = str(Path(__file__).resolve())
     keep = []
-    skip = {"--jobs", "--methods", "--json", "--doc", "--plot", "--threads"}
+    skip = {"--jobs", "--methods", "--json", "--doc", "--plot", "--threads", "--memo-gb"}
     it = iter(argv)
     for a in it:  # drop the options this function sets itself (and their values)
         if a.split("=")[0] in skip:
@@ -639,7 +641,7 @@ def parallel(argv: list[str], methods: list[str], jobs: int, folder: Path) -> li
     for i, share in enumerate(s for s in shares if s):
         path = folder / f"job{i}.json"
         cmd = [sys.executable, script, *keep, "--methods", ",".join(share), "--json", str(path), "--doc", "",
-               "--plot", "", "--threads", "1", "--no-baseline"]
+               "--plot", "", "--threads", "1", "--no-baseline", "--memo-gb", str(memo_gb / jobs)]
         procs.append(subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}))
         paths.append(str(path))
     codes = [proc.wait() for proc in procs]
@@ -685,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
                     "invocations: merge them and write the report, training nothing")
     ap.add_argument("--no-baseline", action="store_true", help=f"do not add {BASELINE!r} (another process runs it)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared CPU)")
-    ap.add_argument("--memo-gb", type=float, default=4.0, help="RAM budget of each process's teacher memo (GB): "
+    ap.add_argument("--memo-gb", type=float, default=4.0, help="RAM budget of the teacher memo (GB; with --jobs, "
+                    "shared between the processes): "
                     "batches beyond it run the teacher again")
     ap.add_argument("--jobs", type=int, default=1, help="run this many single-thread processes at once (methods "
                     "split between them; each memoises its own teacher outputs) and merge their results")
@@ -720,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs > 1 and not args.from_json:
         folder = Path(args.json).with_suffix(".jobs")
         folder.mkdir(parents=True, exist_ok=True)
-        args.from_json = ",".join(parallel(raw_argv, methods, args.jobs, folder))
+        args.from_json = ",".join(parallel(raw_argv, methods, args.jobs, folder, args.memo_gb))
     if args.from_json:
         parts = [json.loads(Path(p).read_text()) for p in args.from_json.split(",")]
         for i, part in enumerate(parts):

@@ -193,7 +193,7 @@ def merge_results(parts: list[dict]) -> dict:
             for r in rs:
                 runs[(teacher, r["shape"], r["prune"], r["seed"])] = r
     merged: dict = {"step0": {}, "trained": {}, "machine": parts[-1]["machine"],
-                    "commands": [p.get("command", "") for p in parts]}
+                    "commands": [c for p in parts for c in p.get("commands", [p.get("command", "")]) if c]}
     for (teacher, _, _), r in step0.items():
         merged["step0"].setdefault(teacher, []).append(r)
     for (teacher, _, _, _), r in runs.items():
