@@ -124,14 +124,17 @@ SETTINGS: dict[str, tuple[str, dict, str, bool]] = {
     "enc6": ("Encoder: all-MiniLM-L6-v2 (6 layers, 12 heads) -> 6 layers, 6 heads",
              _base(MINILM, 6, 6, 32, 8, 2, 0.0, 5e-4), "embedding_cosine", True),
 }
-# Issue 13's settings. The students of enc_pruned / lm_pruned are today's derived students; the lead plugs
-# in the student branch's shapes and init with --student NAME=JSON / --override NAME:key=value.
+# Issue 13's settings: enc_pruned trains the encoder recipe's derived student, lm_pruned the heads-only SmolLM2
+# student of the issue's first run; --student NAME=JSON / --override NAME:key=value replace them.
 STUDY_SETTINGS: dict[str, tuple[str, dict, str, bool]] = {
     "enc_scratch": ("Encoder from scratch: all-MiniLM-L6-v2 -> random-init 4 layers x 4 heads, width 128",
                     _base(MINILM, 4, 4, 64, 16, 4, 0.0, 1e-3, hidden_size=128, intermediate_size=512, init="random"),
                     "similarity_pearson", True),
-    "enc_pruned": ("Encoder pruned: all-MiniLM-L6-v2 -> derived 6 layers x 4 heads",
-                   _base(MINILM, 6, 4, 64, 16, 4, 0.0, 5e-4), "similarity_pearson", True),
+    "enc_pruned": ("Encoder pruned: all-MiniLM-L6-v2 -> the README recipe's student (params 0.5: 3 layers x 4 heads, "
+                   "width 288, MLP 768)",
+                   {**_base(MINILM, 6, 4, 64, 16, 4, 0.0, 5e-4),  # the student of recipes/minilm_12to4.yaml:
+                    "student": {"from_teacher": {"heads": 4, "params": 0.5, "prune": "importance", "init": "teacher"}}},
+                   "similarity_pearson", True),
     "lm_pruned": ("Causal pruned: SmolLM2-135M-Instruct -> all 30 layers, 9 -> 3 heads, 3 KV heads",
                   _base(SMOLLM2, 30, 3, 128, 4, 4, 1.0, 2e-4, kv_heads=3), "val_perplexity", False),
 }
