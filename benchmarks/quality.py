@@ -132,7 +132,7 @@ STUDY_SETTINGS: dict[str, tuple[str, dict, str, bool]] = {
                     "similarity_pearson", True),
     "enc_pruned": ("Encoder pruned: all-MiniLM-L6-v2 -> the README recipe's student (params 0.5: 3 layers x 4 heads, "
                    "width 288, MLP 768)",
-                   {**_base(MINILM, 6, 4, 64, 16, 4, 0.0, 5e-4),  # the student of recipes/minilm_12to4.yaml:
+                   {**_base(MINILM, 6, 4, 64, 16, 4, 0.0, 5e-4),  # the student of recipes/minilm_12to4.yaml
                     "student": {"from_teacher": {"heads": 4, "params": 0.5, "prune": "importance", "init": "teacher"}}},
                    "similarity_pearson", True),
     "lm_pruned": ("Causal pruned: SmolLM2-135M-Instruct -> all 30 layers, 9 -> 3 heads, 3 KV heads",
