@@ -106,7 +106,6 @@ class CausalLM(TextTask):
         return float(total / mask.sum().clamp_min(1.0))
 
 
-
 # --------------------------------------------------------------------------- perplexity
 def _ppl(nll: float, tokens: int) -> dict[str, float]:
     mean = nll / max(1, tokens)
