@@ -384,8 +384,6 @@ def run(settings: dict, methods: list[str], seeds: list[int], steps: int | dict[
 
 def _teacher_metrics(base: dict, seed: int, loaded: tuple, cache: dict, steps: int, console: Console) -> dict:
     """The teacher's perplexity on the same (seed-dependent) validation split."""
-    from shdcli.tasks.causal_lm import perplexity
-
     data = apply_overrides(json.loads(json.dumps(base)), [f"train.seed={seed}", f"train.max_steps={steps}"])
     setup = train.prepare(validate_recipe(data, "benchmark recipe"), console, loaded)
     return {"val_perplexity": perplexity(setup.teacher, setup.val_batches, setup.device)["perplexity"]}
@@ -738,23 +736,12 @@ def main(argv: list[str] | None = None) -> int:
                 seeds_done = {int(s) for v in part.values() for by in v["runs"].values() for s in by}
                 parts[i] = {"results": part, "seeds": sorted(seeds_done), "wall_s": float("nan"),
                             "command": f"(cut short; finished runs from {args.from_json.split(',')[i]})"}
-        results: dict = {}
-        for part in parts:  # a setting may come from several processes (methods or seeds split between them)
-            for k, v in part["results"].items():
-                if k not in results:
-                    results[k] = {**v, "runs": {}, "teacher": {}}
-                for method, by_seed in v["runs"].items():
-                    results[k]["runs"].setdefault(method, {}).update(by_seed)
-                results[k]["teacher"].update(v["teacher"])
-        seeds = sorted({int(s) for part in parts for s in part["seeds"]})
-        for res in results.values():  # JSON keys are strings: index runs by int seed again
-            res["runs"] = {m: {int(s): r for s, r in by.items()} for m, by in res["runs"].items()}
-            res["teacher"] = {int(s): t for s, t in res["teacher"].items()}
-        header = "".join(f"- `{part['command'].strip()}`: {part['wall_s'] / 60:.1f} min wall\n" for part in parts)
+        results, seeds = merge_parts(parts)
+        header = "".join(_part_lines(part) for part in parts)
         header += f"- then `{command.strip()}` merged them into this report\n"
-        write_json_atomic(Path(args.json), {"command": command, "parts": [p["command"] for p in parts],
-                                            "machine": machine, "seeds": seeds, "results": results,
-                                            "summary": summarise(results, seeds)})
+        commands = [c for part in parts for c in part.get("parts", [part["command"]])]
+        write_json_atomic(Path(args.json), {"command": command, "parts": commands, "machine": machine,
+                                            "seeds": seeds, "results": results, "summary": summarise(results, seeds)})
         _report(results, seeds, args, f"Commands (run in parallel, one process each):\n\n{header}", machine)
         return 0
     t0 = time.perf_counter()
@@ -782,6 +769,32 @@ def main(argv: list[str] | None = None) -> int:
                                         "steps": steps, "results": results, "summary": summarise(results, seeds)})
     _report(results, seeds, args, f"Command: `{command.strip()}` ({wall / 60:.1f} min wall)\n", machine)
     return 0
+
+
+def merge_parts(parts: list[dict]) -> tuple[dict, list[int]]:
+    """Merge the results of several invocations (methods or seeds split between processes, or a report
+    merged earlier) into one results dict and the union of their seeds. A setting's runs at another
+    step count are another comparison: they are kept apart as "NAME (N steps)"."""
+    results: dict = {}
+    for part in parts:
+        for name, res in part["results"].items():
+            if name in results and results[name]["steps"] != res["steps"]:
+                name = f"{name} ({res['steps']} steps)"
+            if name not in results:
+                results[name] = {**res, "runs": {}, "teacher": {}}
+            for method, by_seed in res["runs"].items():
+                results[name]["runs"].setdefault(method, {}).update({int(s): r for s, r in by_seed.items()})
+            results[name]["teacher"].update({int(s): t for s, t in res["teacher"].items()})
+    seeds = sorted({int(s) for part in parts for s in part["seeds"]})
+    return results, seeds
+
+
+def _part_lines(part: dict) -> str:
+    """The report's command lines of one --from-json part: its own command, or, for a report merged
+    earlier (docs/quality13_results.json), the commands of the parts it merged."""
+    if "parts" in part:
+        return "".join(f"- `{command.strip()}`\n" for command in part["parts"])
+    return f"- `{part['command'].strip()}`: {part.get('wall_s', float('nan')) / 60:.1f} min wall\n"
 
 
 def _report(results: dict, seeds: list[int], args, commands: str, machine: str) -> None:

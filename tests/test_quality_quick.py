@@ -187,3 +187,24 @@ def test_bounded_memo_keeps_batches_within_budget_and_serves_the_newest():
     assert "c" not in memo and memo["d"] is entry and memo["a"] is entry
     with pytest.raises(KeyError):
         memo["c"]
+
+
+def _part(steps: int, runs: dict, seeds: list[int]) -> dict:
+    """One --from-json part as JSON hands it back: seeds as string keys."""
+    return {"command": f"run {steps}", "seeds": seeds, "results": {"lm_pruned": {
+        "steps": steps, "title": "t", "metric": "val_perplexity", "higher_is_better": False,
+        "runs": {m: {str(s): {"v": v} for s, v in by.items()} for m, by in runs.items()},
+        "teacher": {str(s): {"val_perplexity": 1.0} for s in seeds}}}}
+
+
+def test_merge_parts_unions_methods_and_seeds_and_keeps_other_step_counts_apart():
+    parts = [_part(80, {"kd": {0: 1, 1: 2}}, [0, 1]), _part(80, {"shd_lsq": {0: 3, 1: 4}}, [0, 1]),
+             _part(80, {"kd": {2: 5}}, [2]), _part(300, {"kd": {0: 6}, "shd_lsq": {0: 7}}, [0])]
+    results, seeds = quality.merge_parts(parts)
+    assert seeds == [0, 1, 2]
+    assert set(results) == {"lm_pruned", "lm_pruned (300 steps)"}
+    short = results["lm_pruned"]["runs"]
+    assert {m: {s: r["v"] for s, r in by.items()} for m, by in short.items()} == \
+        {"kd": {0: 1, 1: 2, 2: 5}, "shd_lsq": {0: 3, 1: 4}}
+    long = results["lm_pruned (300 steps)"]
+    assert long["steps"] == 300 and long["runs"]["kd"][0]["v"] == 6 and sorted(long["teacher"]) == [0]
