@@ -33,6 +33,7 @@ To add a method, add one line to METHODS: name -> (label, recipe overrides).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -56,6 +57,7 @@ from rich.console import Console  # noqa: E402
 
 from shdcli import train  # noqa: E402
 from shdcli.attention.losses import causal_lm_loss, logit_kd_loss, shd_loss  # noqa: E402
+from shdcli.models.mapping import Plan, feature_bases, make_plan  # noqa: E402
 from shdcli.recipe import apply_overrides, validate_recipe  # noqa: E402
 from shdcli.report import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
 from shdcli.tasks.base import CAUSAL_LM  # noqa: E402
@@ -223,6 +225,21 @@ def second_corpus_metrics(setup: train.Setup, batches: list[dict[str, torch.Tens
     return out
 
 
+def fidelity_view(setup: train.Setup) -> train.Setup:
+    """The run seen through the plan of every layer pair (a derived student's own pairs and groups; the
+    auto map for a loaded one), so the attention fidelity of a method that trains SHD on a layer subset
+    (distill.layers: {last: 1}) is measured on the same layers as everyone else's. Same modules and memo."""
+    d = setup.derivation
+    if d is not None:
+        plan = Plan(setup.plan.teacher, setup.plan.student, list(enumerate(d.layers)), d.groups,
+                    setup.plan.grouping, d.representatives)
+    else:
+        plan = make_plan(setup.plan.teacher, setup.plan.student, "auto", setup.plan.grouping)
+    if plan.pairs == setup.plan.pairs:
+        return setup
+    return dataclasses.replace(setup, plan=plan, bases=feature_bases(setup.teacher, plan))
+
+
 @torch.no_grad()
 def evaluate_run(setup: train.Setup) -> dict[str, float]:
     """One pass over the validation batches: task loss / perplexity, KL to the teacher's tokens
@@ -269,7 +286,8 @@ def train_one(recipe_data: dict, loaded: tuple, cache: dict, eval_every: int, co
     stream = BatchStream(setup.train_blocks, recipe.data.batch_size, recipe.train.seed)
     optimizer = train.make_optimizer(setup.student, recipe, setup.projector)
     scheduler = train.make_scheduler(optimizer, recipe)
-    curve = [{"step": 0, **evaluate_run(setup)}]
+    view = fidelity_view(setup)
+    curve = [{"step": 0, **evaluate_run(view)}]
     norms = []
     t0, step_s = time.perf_counter(), 0.0
     for step in range(1, recipe.train.max_steps + 1):
@@ -284,7 +302,7 @@ def train_one(recipe_data: dict, loaded: tuple, cache: dict, eval_every: int, co
         if any(k.startswith("grad_norm_") for k in measured):
             norms.append({"step": step, "grad_norm": grad_norm, **measured})
         if step % eval_every == 0 or step == recipe.train.max_steps:
-            curve.append({"step": step, **evaluate_run(setup)})
+            curve.append({"step": step, **evaluate_run(view)})
     train_s = time.perf_counter() - t0
     if second is not None:
         curve[-1].update(second_corpus_metrics(setup, second))
@@ -315,6 +333,10 @@ class BoundedMemo(dict):
 
     def __setitem__(self, key, value) -> None:
         size = self.nbytes(value)
+        if super().__contains__(key):  # replaced (made by a run that recorded fewer teacher layers)
+            self.used -= self.nbytes(super().pop(key))
+        if self.last is not None and self.last[0] == key:
+            self.last = None
         if self.used + size <= self.budget:
             super().__setitem__(key, value)
             self.used += size

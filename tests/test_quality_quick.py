@@ -208,3 +208,45 @@ def test_merge_parts_unions_methods_and_seeds_and_keeps_other_step_counts_apart(
         {"kd": {0: 1, 1: 2, 2: 5}, "shd_lsq": {0: 3, 1: 4}}
     long = results["lm_pruned (300 steps)"]
     assert long["steps"] == 300 and long["runs"]["kd"][0]["v"] == 6 and sorted(long["teacher"]) == [0]
+
+
+def test_shared_teacher_memo_serves_every_layer_a_run_needs():
+    """Methods share one teacher memo per seed; SHD on the last layer only records one teacher layer, so
+    its entries must not serve a later all-layer run (the KeyError the issue-13 study first hit)."""
+    import dataclasses
+
+    from shdcli.train import teacher_forward
+    from tests.test_perf_quick import load_perf
+
+    perf = load_perf()
+    full = perf.build(perf.QUICK, 12, torch.device("cpu"))
+    last = dataclasses.replace(full, plan=dataclasses.replace(full.plan, pairs=full.plan.pairs[-1:],
+                                                              groups=full.plan.groups[-1:]))
+    memo = quality.BoundedMemo(2**30)
+    full.teacher_cache = last.teacher_cache = memo
+    batch = perf.make_batch(perf.QUICK, 2, 12, torch.device("cpu"))
+    _, few = teacher_forward(last, batch)
+    assert set(few) == {full.plan.pairs[-1][1]}
+    _, every = teacher_forward(full, batch)
+    assert set(every) == {t for _, t in full.plan.pairs}
+    assert dict.__len__(memo) == 1 and memo.used == memo.nbytes(memo[next(iter(dict.keys(memo)))])
+    _, again = teacher_forward(last, batch)  # a superset serves the subset run
+    assert again is every
+
+
+def test_fidelity_is_measured_on_every_layer_whatever_layers_the_method_trains():
+    import dataclasses
+
+    from tests.test_perf_quick import load_perf
+
+    perf = load_perf()
+    full = perf.build(perf.QUICK, 12, torch.device("cpu"))
+    full.val_batches = [perf.make_batch(perf.QUICK, 2, 12, torch.device("cpu"))]
+    last = dataclasses.replace(full, plan=dataclasses.replace(full.plan, pairs=full.plan.pairs[-1:],
+                                                              groups=full.plan.groups[-1:]))
+    view = quality.fidelity_view(last)
+    assert view.plan.pairs == full.plan.pairs and view.student is last.student
+    assert quality.fidelity_view(full) is full
+    every, only_last = quality.evaluate_run(view)["fidelity_kl"], quality.evaluate_run(last)["fidelity_kl"]
+    assert every == pytest.approx(quality.evaluate_run(full)["fidelity_kl"], rel=1e-6)
+    assert every != pytest.approx(only_last, rel=1e-3)  # the subset alone measures something else
