@@ -803,7 +803,8 @@ def merge_parts(parts: list[dict]) -> tuple[dict, list[int]]:
             if name in results and results[name]["steps"] != res["steps"]:
                 name = f"{name} ({res['steps']} steps)"
             if name not in results:
-                results[name] = {**res, "runs": {}, "teacher": {}}
+                title = res["title"] + (f" ({res['steps']} steps)" if name.endswith(" steps)") else "")
+                results[name] = {**res, "title": title, "runs": {}, "teacher": {}}
             for method, by_seed in res["runs"].items():
                 results[name]["runs"].setdefault(method, {}).update({int(s): r for s, r in by_seed.items()})
             results[name]["teacher"].update({int(s): t for s, t in res["teacher"].items()})
