@@ -800,11 +800,10 @@ def merge_parts(parts: list[dict]) -> tuple[dict, list[int]]:
     results: dict = {}
     for part in parts:
         for name, res in part["results"].items():
-            if name in results and results[name]["steps"] != res["steps"]:
-                name = f"{name} ({res['steps']} steps)"
+            suffix = f" ({res['steps']} steps)" if name in results and results[name]["steps"] != res["steps"] else ""
+            name += suffix
             if name not in results:
-                title = res["title"] + (f" ({res['steps']} steps)" if name.endswith(" steps)") else "")
-                results[name] = {**res, "title": title, "runs": {}, "teacher": {}}
+                results[name] = {**res, "title": res["title"] + suffix, "runs": {}, "teacher": {}}
             for method, by_seed in res["runs"].items():
                 results[name]["runs"].setdefault(method, {}).update({int(s): r for s, r in by_seed.items()})
             results[name]["teacher"].update({int(s): t for s, t in res["teacher"].items()})
