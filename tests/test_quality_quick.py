@@ -210,18 +210,26 @@ def test_merge_parts_unions_methods_and_seeds_and_keeps_other_step_counts_apart(
     assert long["steps"] == 300 and long["runs"]["kd"][0]["v"] == 6 and sorted(long["teacher"]) == [0]
 
 
-def test_shared_teacher_memo_serves_every_layer_a_run_needs():
-    """Methods share one teacher memo per seed; SHD on the last layer only records one teacher layer, so
-    its entries must not serve a later all-layer run (the KeyError the issue-13 study first hit)."""
+def _all_layers_and_last_layer_setups():
+    """The quick perf setup (SHD on every layer pair) and the same student and teacher with SHD on the
+    last pair only, as `distill.layers: {last: 1}` plans it."""
     import dataclasses
 
-    from shdcli.train import teacher_forward
     from tests.test_perf_quick import load_perf
 
     perf = load_perf()
     full = perf.build(perf.QUICK, 12, torch.device("cpu"))
     last = dataclasses.replace(full, plan=dataclasses.replace(full.plan, pairs=full.plan.pairs[-1:],
                                                               groups=full.plan.groups[-1:]))
+    return perf, full, last
+
+
+def test_shared_teacher_memo_serves_every_layer_a_run_needs():
+    """Methods share one teacher memo per seed; SHD on the last layer only records one teacher layer, so
+    its entries must not serve a later all-layer run (the KeyError the issue-13 study first hit)."""
+    from shdcli.train import teacher_forward
+
+    perf, full, last = _all_layers_and_last_layer_setups()
     memo = quality.BoundedMemo(2**30)
     full.teacher_cache = last.teacher_cache = memo
     batch = perf.make_batch(perf.QUICK, 2, 12, torch.device("cpu"))
@@ -235,15 +243,8 @@ def test_shared_teacher_memo_serves_every_layer_a_run_needs():
 
 
 def test_fidelity_is_measured_on_every_layer_whatever_layers_the_method_trains():
-    import dataclasses
-
-    from tests.test_perf_quick import load_perf
-
-    perf = load_perf()
-    full = perf.build(perf.QUICK, 12, torch.device("cpu"))
-    full.val_batches = [perf.make_batch(perf.QUICK, 2, 12, torch.device("cpu"))]
-    last = dataclasses.replace(full, plan=dataclasses.replace(full.plan, pairs=full.plan.pairs[-1:],
-                                                              groups=full.plan.groups[-1:]))
+    perf, full, last = _all_layers_and_last_layer_setups()
+    full.val_batches = last.val_batches = [perf.make_batch(perf.QUICK, 2, 12, torch.device("cpu"))]
     view = quality.fidelity_view(last)
     assert view.plan.pairs == full.plan.pairs and view.student is last.student
     assert quality.fidelity_view(full) is full
