@@ -250,7 +250,8 @@ def test_distill_fused_and_naive_give_the_same_losses(tmp_path, monkeypatch):
     runs = {}
     for impl in ("naive", "fused"):
         recipe = validate_recipe({
-            "teacher": str(teacher), # init random: a teacher-initialised student's SHD is ~6e-6, a difference of near-equal sums that
+            "teacher": str(teacher),
+            # init random: a teacher-initialised student's SHD is ~6e-6, a difference of near-equal sums that
             # float reordering (fused vs naive) moves by 1e-4 relative; from random init it is O(1).
             "student": {"from_teacher": {"layers": 2, "heads": 3, "init": "random"}},
             "data": {"path": str(text), "seq_len": 24, "batch_size": 3, "val_batches": 1},
