@@ -450,7 +450,8 @@ def final_evaluation(setup, student_dir: Path | None, speed: bool = True) -> dic
     student = EvalModel("student", unwrap(setup.student), setup.tokenizer, setup.task, student_dir, setup.plan,
                         "distillation plan", recipe.distill.alpha)
     options = EvalOptions(seq_len=recipe.data.seq_len, samples=recipe.data.batch_size * recipe.data.val_batches,
-                          batch_size=recipe.data.batch_size, speed=speed, speed_seconds=1.0, device=str(setup.device))
+                          max_tokens=recipe.data.eval_tokens, batch_size=recipe.data.batch_size, speed=speed,
+                          speed_seconds=1.0, device=str(setup.device))
     was_training = setup.student.training
     try:
         out = _flat(evaluate_models([student], teacher, heldout, options, teacher_memo=setup.teacher_eval_memo))

@@ -95,6 +95,8 @@ class DataSpec(Section):
     val_batches: int = Field(8, ge=1)
     ood_eval: PathText | None = Field(None, description="a second corpus (e.g. builtin:fortunes), never trained on, "
                                       "scored at init and in the final evaluation (ood_* metrics)")
+    eval_tokens: int = Field(4096, ge=2, description="tokens of the held-out split (and of ood_eval) the evaluation "
+                             "at init and at the end scores for perplexity: fewer is faster and noisier")
 
 
 class DistillSpec(Section):
@@ -209,6 +211,7 @@ class Recipe(Section):
             data["train"].pop(key, None)
         for section in ("teacher", "student"):  # --allow-pickle changes how files load, not the run
             data[section].pop("allow_pickle", None)
+        data["data"].pop("eval_tokens", None)  # what the evaluation scores, not what trains
         data.pop("output_dir", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

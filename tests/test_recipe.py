@@ -100,12 +100,14 @@ def test_paths_relative_to_recipe_file(tmp_path, monkeypatch):
     assert recipe.teacher.path == "some/teacher"
 
 
-def test_fingerprint_ignores_length_and_output_only():
+def test_fingerprint_ignores_length_evaluation_and_output_only():
     a = validate_recipe(minimal())
-    b = validate_recipe(minimal(train={"max_steps": 7, "eval_every": 3}, output_dir="elsewhere"))
+    b = validate_recipe(minimal(train={"max_steps": 7, "eval_every": 3}, output_dir="elsewhere",
+                                data={"path": "train.txt", "eval_tokens": 512}))
     c = validate_recipe(minimal(train={"lr": 1e-3}))
+    d = validate_recipe(minimal(data={"path": "train.txt", "seq_len": 64}))
     assert a.fingerprint() == b.fingerprint()
-    assert a.fingerprint() != c.fingerprint()
+    assert a.fingerprint() != c.fingerprint() and a.fingerprint() != d.fingerprint()
 
 
 # =========================================================================== --set overrides

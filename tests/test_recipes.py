@@ -54,13 +54,16 @@ def test_recipe_runs_on_real_teacher(recipe: Path, tmp_path: Path):
     result = run_cli(
         "distill", str(recipe), *teacher,
         "--set", "train.max_steps=2", "--set", "train.eval_every=2", "--set", "data.val_batches=1",
-        "--set", "data.batch_size=2", "--set", "data.seq_len=64", "--set", f"output_dir={out}",
+        "--set", "data.batch_size=2", "--set", "data.seq_len=64", "--set", "data.eval_tokens=512",
+        "--set", f"output_dir={out}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]) == 2
     assert [v["step"] for v in metrics["validation"]] == [0, 2]
     assert all(v == v for v in metrics["validation"][-1].values())  # no NaN
+    if "perplexity" in metrics["final_eval"]:  # text recipes score data.eval_tokens held-out tokens (512 - 1 targets)
+        assert metrics["final_eval"]["ppl_tokens"] == metrics["init_eval"]["ppl_tokens"] == 511
     config = json.loads((out / "student" / "config.json").read_text())
     archs = config["architectures"]
     cls = AutoModel
