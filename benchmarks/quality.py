@@ -759,10 +759,10 @@ def main(argv: list[str] | None = None) -> int:
                 parts[i] = {"results": part, "seeds": sorted(seeds_done), "wall_s": float("nan"),
                             "command": f"(cut short; finished runs from {args.from_json.split(',')[i]})"}
         results, seeds = merge_parts(parts)
-        header = "".join(_part_lines(part) for part in parts)
+        entries = [entry for part in parts for entry in part_entries(part)]
+        header = "".join(_entry_line(entry) for entry in entries)
         header += f"- then `{command.strip()}` merged them into this report\n"
-        commands = [c for part in parts for c in part.get("parts", [part["command"]])]
-        write_json_atomic(Path(args.json), {"command": command, "parts": commands, "machine": machine,
+        write_json_atomic(Path(args.json), {"command": command, "parts": entries, "machine": machine,
                                             "seeds": seeds, "results": results, "summary": summarise(results, seeds)})
         _report(results, seeds, args, f"Commands (run in parallel, one process each):\n\n{header}", machine)
         return 0
@@ -811,12 +811,18 @@ def merge_parts(parts: list[dict]) -> tuple[dict, list[int]]:
     return results, seeds
 
 
-def _part_lines(part: dict) -> str:
-    """The report's command lines of one --from-json part: its own command, or, for a report merged
-    earlier (docs/quality13_results.json), the commands of the parts it merged."""
+def part_entries(part: dict) -> list[dict]:
+    """The invocations behind one --from-json part as {"command", "wall_s"}: its own, or, for a report
+    merged earlier (docs/quality13_results.json), those it merged (older files list bare commands)."""
     if "parts" in part:
-        return "".join(f"- `{command.strip()}`\n" for command in part["parts"])
-    return f"- `{part['command'].strip()}`: {part.get('wall_s', float('nan')) / 60:.1f} min wall\n"
+        return [entry if isinstance(entry, dict) else {"command": entry, "wall_s": None} for entry in part["parts"]]
+    return [{"command": part["command"], "wall_s": part.get("wall_s")}]
+
+
+def _entry_line(entry: dict) -> str:
+    wall = entry.get("wall_s")
+    timed = f": {wall / 60:.1f} min wall" if wall is not None and math.isfinite(wall) else ""
+    return f"- `{entry['command'].strip()}`{timed}\n"
 
 
 def _report(results: dict, seeds: list[int], args, commands: str, machine: str) -> None:

@@ -251,3 +251,16 @@ def test_fidelity_is_measured_on_every_layer_whatever_layers_the_method_trains()
     every, only_last = quality.evaluate_run(view)["fidelity_kl"], quality.evaluate_run(last)["fidelity_kl"]
     assert every == pytest.approx(quality.evaluate_run(full)["fidelity_kl"], rel=1e-6)
     assert every != pytest.approx(only_last, rel=1e-3)  # the subset alone measures something else
+
+
+def test_a_report_merged_again_keeps_each_invocations_wall_time():
+    """--from-json over an earlier merged report lists every invocation once, each with the wall time it
+    ran for; older merged files (bare commands) and cut-short partial runs list none."""
+    earlier = {"parts": ["bare older command", {"command": "timed run", "wall_s": 702.0}]}
+    new, cut = {"command": "new run", "wall_s": 120.0}, {"command": "(cut short; finished runs from x.partial.json)"}
+    entries = [entry for part in (earlier, new, cut) for entry in quality.part_entries(part)]
+    again = quality.part_entries({"parts": entries})  # the merged file, merged once more
+    assert again == entries
+    assert "".join(quality._entry_line(entry) for entry in again) == (
+        "- `bare older command`\n- `timed run`: 11.7 min wall\n- `new run`: 2.0 min wall\n"
+        "- `(cut short; finished runs from x.partial.json)`\n")
