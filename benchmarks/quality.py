@@ -42,6 +42,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -553,14 +554,15 @@ def plot(results: dict, seeds: list[int], path: Path) -> None:
                 axes[row][col].plot(steps, ys, style, color=color, lw=width, label=method)
                 if row == 0 and len(ys) > 1:
                     later.extend(ys[1:])
-        axes[0][col].set_title(res["title"], fontsize=9)
+        title = textwrap.fill(res["title"], 70)  # long titles would run into the next column's
+        axes[0][col].set_title(title, fontsize=9)
         axes[0][col].set_ylabel(f"validation {res['metric']} (mean of {len(seeds)} seeds)")
         axes[1][col].set_ylabel("validation attention KL to lsq-squeezed teacher")
         axes[1][col].set_xlabel("step")
         if res["metric"] == "val_perplexity" and later:
             axes[0][col].set_yscale("log")
             axes[0][col].set_ylim(min(later) * 0.95, max(later) * 1.3)
-            axes[0][col].set_title(res["title"] + "\n(step 0 is far above: the teacher-initialised student is "
+            axes[0][col].set_title(title + "\n(step 0 is far above: the teacher-initialised student is "
                                    "broken before training)", fontsize=9)
         axes[1][col].set_yscale("log")
         axes[0][col].legend(fontsize=7, ncol=2)
