@@ -381,6 +381,10 @@ def run(settings: dict, methods: list[str], seeds: list[int], steps: int | dict[
             second_teacher["fortunes_perplexity"] = perplexity(loaded[0], fortunes, device)["perplexity"]
         runs: dict[str, dict[int, dict]] = {}
         teacher: dict[int, dict] = {}
+        # What this setting's report needs, filled as runs finish (a partial file carries the same:
+        # the recipe that ran, --student and --override applied, not today's default).
+        results[name] = {"steps": steps, "title": title, "metric": metric, "higher_is_better": higher, "runs": runs,
+                         "teacher": teacher, "recipe": base, "teacher_second": second_teacher}
         todo = [m for m in methods if m not in SKIP.get(name, set())]
         for seed in seeds:
             cache = BoundedMemo(memo_bytes)  # teacher outputs for this seed's batches, shared by every method
@@ -393,15 +397,13 @@ def run(settings: dict, methods: list[str], seeds: list[int], steps: int | dict[
                 result["wall_s"] = time.perf_counter() - t0
                 runs.setdefault(method, {})[seed] = result
                 if partial is not None:  # a long run that is cut short still leaves its finished runs
-                    write_json_atomic(partial, {**results, name: {"runs": runs, "teacher": teacher}})
+                    write_json_atomic(partial, results)
                 console.print(f"[{name}] seed {seed} {method:11s} {metric}={result['final'][metric]:.4f} "
                               f"fidelity={result['final']['fidelity_kl']:.4f} ({result['wall_s']:.1f} s)")
             if loaded[2] == CAUSAL_LM:
                 setup_probe = _teacher_metrics(base, seed, loaded, cache, steps, quiet)
                 teacher[seed] = setup_probe
             cache.clear()
-        results[name] = {"steps": steps, "title": title, "metric": metric, "higher_is_better": higher, "runs": runs,
-                         "teacher": teacher, "recipe": base, "teacher_second": second_teacher}
     return results
 
 
@@ -753,10 +755,11 @@ def main(argv: list[str] | None = None) -> int:
         parts = [json.loads(Path(p).read_text()) for p in args.from_json.split(",")]
         for i, part in enumerate(parts):
             if "results" not in part:  # a .partial.json of a process that was cut short: its finished runs
-                for k, v in part.items():
+                for k, v in part.items():  # files older than the full entries: fill from today's SETTINGS
                     title, base, metric, higher = SETTINGS[k]
                     steps = args.steps or (STUDY_STEPS.get(k, 40) if args.study else 40)
-                    v.update(title=title, recipe=base, metric=metric, higher_is_better=higher, steps=steps)
+                    v.update({**dict(title=title, recipe=base, metric=metric, higher_is_better=higher, steps=steps,
+                                     teacher_second={}), **v})
                 seeds_done = {int(s) for v in part.values() for by in v["runs"].values() for s in by}
                 parts[i] = {"results": part, "seeds": sorted(seeds_done), "wall_s": float("nan"),
                             "command": f"(cut short; finished runs from {args.from_json.split(',')[i]})"}

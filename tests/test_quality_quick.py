@@ -264,3 +264,22 @@ def test_a_report_merged_again_keeps_each_invocations_wall_time():
     assert "".join(quality._entry_line(entry) for entry in again) == (
         "- `bare older command`\n- `timed run`: 11.7 min wall\n- `new run`: 2.0 min wall\n"
         "- `(cut short; finished runs from x.partial.json)`\n")
+
+
+def test_partial_file_carries_the_setting_as_it_ran(tmp_path):
+    """A study cut short leaves a .partial.json; it records the recipe that ran (--student applied) and
+    the setting's title and metric, so the merged report does not describe today's default student."""
+    from rich.console import Console
+
+    settings = {"enc_pruned": quality.quick_study_settings(tmp_path)["enc_pruned"]}
+    settings = quality.apply_setting_overrides(settings, ['enc_pruned={"from_teacher": {"layers": 1, "heads": 2}}'],
+                                               [])
+    partial = tmp_path / "study.partial.json"
+    quiet = Console(quiet=True)
+    results = quality.run(settings, ["kd"], [0], 2, 2, quiet, quiet, partial)
+    written = json.loads(partial.read_text())["enc_pruned"]
+    assert written["recipe"]["student"] == {"from_teacher": {"layers": 1, "heads": 2}}
+    assert written["recipe"] == results["enc_pruned"]["recipe"]
+    title = settings["enc_pruned"][0]
+    assert (written["title"], written["metric"], written["steps"]) == (title, "similarity_pearson", 2)
+    assert list(written["runs"]["kd"]) == ["0"]
