@@ -758,8 +758,9 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in part.items():  # files older than the full entries: fill from today's SETTINGS
                     title, base, metric, higher = SETTINGS[k]
                     steps = args.steps or (STUDY_STEPS.get(k, 40) if args.study else 40)
-                    v.update({**dict(title=title, recipe=base, metric=metric, higher_is_better=higher, steps=steps,
-                                     teacher_second={}), **v})
+                    for key, value in dict(title=title, recipe=base, metric=metric, higher_is_better=higher,
+                                           steps=steps, teacher_second={}).items():
+                        v.setdefault(key, value)
                 seeds_done = {int(s) for v in part.values() for by in v["runs"].values() for s in by}
                 parts[i] = {"results": part, "seeds": sorted(seeds_done), "wall_s": float("nan"),
                             "command": f"(cut short; finished runs from {args.from_json.split(',')[i]})"}
