@@ -91,3 +91,5 @@ def test_students_benchmark_matches_the_default_recipes():
             assert getattr(recipe.train, key) == base["train"][key], key
         for key in ("batch_size", "seq_len"):
             assert getattr(recipe.data, key) == base["data"][key], key
+        for key in ("logit", "shd"):  # the loss weights (1.0 where the benchmark leaves the recipe default)
+            assert getattr(recipe.distill, key) == base["distill"].get(key, 1.0), key
