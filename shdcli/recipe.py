@@ -126,8 +126,10 @@ class DistillSpec(Section):
     logit_impl: Literal["fused", "naive"] = Field(
         "fused", description="causal LMs: fused (LM head + CE + KD in token chunks, no [B, N, V] logits) | naive")
     chunk_memory_mb: int = Field(64, ge=1, description="MiB of working memory per chunk: lean SHD and fused logits")
-    # shdcli/attention/balance.py: with value|grad, `shd` is the SHD term's fraction of the task + logit term.
-    balance: Literal["none", "value", "grad"] = "none"
+    # shdcli/attention/balance.py: with value|grad, `shd` is the SHD term's fraction of the task + logit term;
+    # agreement caps SHD's gradient at the running cos(g_shd, g_task+logit) times the task's; pcgrad projects
+    # out the part of SHD's gradient that opposes the task's.
+    balance: Literal["none", "value", "grad", "agreement", "pcgrad"] = "none"
     shd_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"
     shd_warmup_steps: int = Field(0, ge=0, description="steps over which the SHD weight ramps up from 0")
     shd_decay_steps: int = Field(0, ge=0, description="steps of decay after the warmup; 0 = until train.max_steps")

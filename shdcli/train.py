@@ -74,7 +74,9 @@ class Setup:
     # The teacher's held-out quality, kept from the init evaluation for the final one (evaluate.evaluate_models).
     teacher_eval_memo: dict = field(default_factory=dict)
     step: int = 0  # index of the optimizer step being taken (0-based): the SHD schedule reads it
-    shd_grad_scale: float | None = None  # balance=grad: the last scale of the SHD gradient (balance.py)
+    shd_grad_scale: float | None = None  # balance=grad|agreement: the last scale of the SHD gradient (balance.py)
+    # balance=agreement: the running cos(g_shd, g_rest) that caps SHD's gradient (checkpointed with the run)
+    agreement: balance.Agreement = field(default_factory=balance.Agreement)
     teacher_recorder: capture.AttentionRecorder = field(init=False)
     student_recorder: capture.AttentionRecorder = field(init=False)
 
@@ -352,8 +354,9 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor],
     # ---- weighted (balance, schedule)
     terms = balance.weighted_terms(parts, {"task": d.task, "logit": d.logit}, fraction, d.balance)
     shown = dict(terms)
-    if d.balance == "grad" and "shd" in terms:  # its real scale is set in backward; value: the last one
-        shown["shd"] = terms["shd"] * (fraction if setup.shd_grad_scale is None else setup.shd_grad_scale)
+    if d.balance in ("grad", "agreement") and "shd" in terms:  # its real scale is set in backward: the last one
+        default = fraction if d.balance == "grad" else 1.0
+        shown["shd"] = terms["shd"] * (default if setup.shd_grad_scale is None else setup.shd_grad_scale)
     if terms_out is not None:
         terms_out.update(terms)
     total = sum(shown.values())
@@ -484,7 +487,7 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
     # Per-part backward (balance=grad always, norms every grad_norms_every-th step; one process only: it
     # assembles .grad by hand, which DDP/FSDP's sync hooks would not see).
     measure = not distributed.env_info().enabled and every > 0 and (setup.step + 1) % every == 0
-    per_part = measure or (d.balance == "grad" and not distributed.env_info().enabled)
+    per_part = measure or (d.balance in balance.PER_PART and not distributed.env_info().enabled)
     params = [p for p in setup.student.parameters() if p.requires_grad]
     n_student = len(params)
     if setup.projector is not None:
@@ -511,19 +514,27 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
                 # The fused logit loss holds one gradient for task + logit KD together: back-propagate them as
                 # one term there (its norm is logged as grad_norm_rest).
                 split = measure and not setup.kind.fuses_heads(d)
-                norms, scale = balance.backward_terms(terms if split else balance.merge_rest(terms), params,
-                                                      n_student, d.balance, fraction, accum,
-                                                      part_grads if accum > 1 and measure else None)
-                if d.balance == "grad" and "shd" in terms:  # the total with the scale actually applied
-                    setup.shd_grad_scale = shd_coef = scale
-                    value = sum(float(v.detach()) for k, v in terms.items() if k != "shd") + scale * float(parts["shd"])
-                    parts_sum["total"] += (value - float(total.detach())) / accum
+                result = balance.backward_terms(terms if split else balance.merge_rest(terms), params,
+                                                n_student, d.balance, fraction, accum,
+                                                part_grads if accum > 1 and measure else None, setup.agreement)
+                if d.balance in ("grad", "agreement") and "shd" in terms:  # the total with the scale applied
+                    setup.shd_grad_scale = result.scale
+                    shd_coef *= result.scale
+                    value = sum(float(v.detach()) for k, v in terms.items() if k != "shd")
+                    parts_sum["total"] += (value + result.scale * float(terms["shd"].detach())
+                                           - float(total.detach())) / accum
+                if measure:  # how SHD's gradient relates to the task's (issue 26's diagnostics)
+                    for key, value in (("grad_cos_shd", result.cosine), ("grad_ratio_shd", result.ratio)):
+                        if value is not None:
+                            parts_sum[key] = parts_sum.get(key, 0.0) + value / accum
                 if accum == 1 and measure:
-                    part_norms = norms
+                    part_norms = result.norms
             else:
                 (total / accum).backward()
             if d.balance != "none" or d.shd_schedule != "constant" or d.shd_warmup_steps:
                 parts_sum["shd_coef"] = parts_sum.get("shd_coef", 0.0) + shd_coef / accum
+            if d.balance == "agreement" and "shd" in parts:
+                parts_sum["shd_agreement"] = setup.agreement.estimate
         weights.append(w)
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
     parts_sum, tokens = distributed.reduce_metrics(parts_sum, tokens, setup.device)
@@ -565,7 +576,8 @@ class Run:
         if self.can_checkpoint and self.is_main:
             folder = checkpoint.save(self.root, self.state.step, self.fingerprint,
                                      distributed.unwrap(self.setup.student), self.optimizer, self.scheduler, where,
-                                     self.state.state_dict(), self.setup.recipe.train.keep_checkpoints)
+                                     {**self.state.state_dict(), "agreement": self.setup.agreement.state_dict()},
+                                     self.setup.recipe.train.keep_checkpoints)
         distributed.barrier()
         return folder
 
@@ -607,8 +619,11 @@ def open_run(recipe: Recipe, console: Console, resume: bool, overwrite: bool, di
     if resume_from is not None and not run.can_checkpoint:
         raise ShdError("--resume: checkpoints are not supported with train.strategy=fsdp; use ddp to resume runs")
     if resume_from is not None:  # the one place a run is restored
-        run.state.load_state_dict(checkpoint.load(resume_from, run.fingerprint, distributed.unwrap(setup.student),
-                                                  optimizer, run.scheduler, stream))
+        restored = checkpoint.load(resume_from, run.fingerprint, distributed.unwrap(setup.student), optimizer,
+                                   run.scheduler, stream)
+        run.state.load_state_dict(restored)
+        if "agreement" in restored:  # balance=agreement's running cosine (older checkpoints lack it)
+            setup.agreement.load_state_dict(restored["agreement"])
         console.print(f"resumed from {resume_from} (step {run.state.step} of {recipe.train.max_steps})")
         return run
     if resume:

@@ -83,8 +83,10 @@ def test_grad_balance_makes_the_shd_gradient_norm_the_fraction_of_the_rest(fract
     net.zero_grad(set_to_none=True)
     params = list(net.parameters())
     terms = balance.weighted_terms(parts_fn(), weights, fraction, "grad")  # one forward
-    norms, got_scale = balance.backward_terms(terms, params, len(params), "grad", fraction, 1)
-    assert got_scale == pytest.approx(scale, rel=1e-10)
+    result = balance.backward_terms(terms, params, len(params), "grad", fraction, 1)
+    norms = result.norms
+    assert result.scale == pytest.approx(scale, rel=1e-10)
+    assert result.ratio == pytest.approx(fraction, rel=1e-10)
     assert norms["shd"] == pytest.approx(fraction * rest_norm, rel=1e-10)
     assert norms["task"] == pytest.approx(math.sqrt(sum(float(g.pow(2).sum()) for g in g_task)), rel=1e-10)
     assert norms["logit"] == pytest.approx(0.5 * math.sqrt(sum(float(g.pow(2).sum()) for g in g_logit)), rel=1e-10)
@@ -117,9 +119,79 @@ def test_balance_needs_a_reference_term_and_grad_needs_one_process():
     base = {"teacher": "t", "student": {"path": "s"}, "data": {"path": "d.txt"}}
     with pytest.raises(ShdError, match="balance=value scales SHD .* weight 0 here"):
         validate_recipe({**base, "distill": {"balance": "value", "task": 0, "logit": 0}})
-    with pytest.raises(ShdError, match="distill.balance: grad runs in one process only"):
-        balance.check_supported("grad", True)
+    for mode in ("grad", "agreement", "pcgrad"):
+        with pytest.raises(ShdError, match=f"distill.balance: {mode} runs in one process only"):
+            balance.check_supported(mode, True)
     balance.check_supported("value", True)
+
+
+# --------------------------------------------------------------------------- agreement and PCGrad, two parameters
+def _two_parameter_problem(task_dir: tuple[float, float], shd_dir: tuple[float, float]):
+    """Parameters x, y (scalars) with losses whose gradients are known in closed form:
+    task = a1 x + a2 y (gradient (a1, a2)), shd = b1 x + b2 y (gradient (b1, b2))."""
+    x = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor(-0.7, dtype=torch.float64, requires_grad=True)
+    terms = {"task": task_dir[0] * x + task_dir[1] * y, "shd": shd_dir[0] * x + shd_dir[1] * y}
+    return [x, y], terms
+
+
+def _reference_agreement(task_dir, shd_dir, cosines_before: list[float], beta: float = 0.9):
+    """Slow, by hand: the capped SHD gradient after the running cosine has seen `cosines_before` and now."""
+    ta, sa = math.hypot(*task_dir), math.hypot(*shd_dir)
+    cos_now = (task_dir[0] * shd_dir[0] + task_dir[1] * shd_dir[1]) / (ta * sa)
+    seen = cosines_before + [cos_now]
+    ema = 0.0
+    for c in seen:
+        ema = beta * ema + (1 - beta) * c
+    estimate = ema / (1 - beta ** len(seen))
+    scale = min(1.0, max(0.0, estimate) * ta / sa)
+    return [task_dir[0] + scale * shd_dir[0], task_dir[1] + scale * shd_dir[1]], scale, cos_now, estimate
+
+
+@pytest.mark.parametrize("task_dir,shd_dir,history", [
+    ((3.0, 4.0), (4.0, 3.0), []),  # agreeing (cos 0.96), SHD as large as the task: capped at 0.96 x
+    ((3.0, 4.0), (0.4, 0.3), []),  # agreeing and small: untouched (scale 1)
+    ((1.0, 0.0), (0.0, 5.0), []),  # orthogonal: SHD removed
+    ((1.0, 0.0), (-2.0, 1.0), []),  # opposing: removed
+    ((1.0, 0.0), (1.0, 1.0), [0.05, -0.1, 0.02]),  # a running estimate near 0 caps a helpful-looking step
+])
+def test_agreement_caps_the_shd_gradient_at_the_running_cosine_times_the_task(task_dir, shd_dir, history):
+    agreement = balance.Agreement()
+    for c in history:
+        agreement.update(c)
+    params, terms = _two_parameter_problem(task_dir, shd_dir)
+    result = balance.backward_terms(terms, params, 2, "agreement", 1.0, 1, agreement=agreement)
+    want, scale, cos_now, estimate = _reference_agreement(task_dir, shd_dir, history)
+    assert [float(p.grad) for p in params] == pytest.approx(want, abs=1e-12)
+    assert result.scale == pytest.approx(scale, abs=1e-12)
+    assert result.cosine == pytest.approx(cos_now, abs=1e-12)
+    assert agreement.estimate == pytest.approx(estimate, abs=1e-12)
+    # never more than the task's own step
+    assert result.norms["shd"] <= result.norms["task"] * (1 + 1e-12)
+
+
+def test_agreement_state_round_trips_and_starts_from_its_first_measurement():
+    agreement = balance.Agreement()
+    assert agreement.estimate == 0.0  # nothing measured: SHD gets no gradient until it shows it helps
+    agreement.update(0.4)
+    assert agreement.estimate == pytest.approx(0.4)  # bias-corrected: the first measurement counts fully
+    agreement.update(0.0)
+    copy = balance.Agreement()
+    copy.load_state_dict(json.loads(json.dumps(agreement.state_dict())))
+    assert copy.estimate == pytest.approx(agreement.estimate) == pytest.approx((0.9 * 0.04) / (1 - 0.81))
+
+
+@pytest.mark.parametrize("task_dir,shd_dir,want_shd", [
+    ((1.0, 0.0), (-2.0, 1.0), (0.0, 1.0)),  # opposing: its component along the task is removed
+    ((1.0, 0.0), (2.0, 1.0), (2.0, 1.0)),  # agreeing: untouched
+    ((3.0, 4.0), (-3.0, -4.0), (0.0, 0.0)),  # exactly opposite: nothing left
+])
+def test_pcgrad_removes_only_the_opposing_component(task_dir, shd_dir, want_shd):
+    params, terms = _two_parameter_problem(task_dir, shd_dir)
+    result = balance.backward_terms(terms, params, 2, "pcgrad", 1.0, 1)
+    got = [float(p.grad) - t for p, t in zip(params, task_dir)]
+    assert got == pytest.approx(list(want_shd), abs=1e-12)
+    assert result.scale == 1.0
 
 
 # --------------------------------------------------------------------------- in the training loop
@@ -171,6 +243,45 @@ def test_train_step_grad_balance_against_per_part_forwards(tiny_models, tiny_tex
         for name in ("task", "logit"):
             assert math.isfinite(parts[f"grad_norm_{name}"]) and parts[f"grad_norm_{name}"] > 0
     assert parts["total"] == pytest.approx(parts["task"] + parts["logit"] + scale * parts["shd"], rel=1e-5)
+
+
+def test_train_step_agreement_against_per_part_forwards(tiny_models, tiny_text):
+    """Two optimizer steps with balance=agreement: each step's SHD gradient is capped at the running cosine
+    times the rest's norm, computed here from separate forwards and backwards per part."""
+    from shdcli.tasks.data import BatchStream
+    from shdcli.train import make_optimizer, make_scheduler, step_losses, train_step
+
+    recipe, setup = _setup(tiny_models, tiny_text, balance="agreement", shd=1.0)
+    stream = BatchStream(setup.train_blocks, 4, recipe.train.seed)
+    params = [p for p in setup.student.parameters() if p.requires_grad]
+    opt = make_optimizer(setup.student, recipe)
+    sched = make_scheduler(opt, recipe)
+    flat = lambda gs: torch.cat([g.double().flatten() for g in gs])  # noqa: E731
+    ema, seen = 0.0, 0
+    for _ in range(2):
+        batch = BatchStream(setup.train_blocks, 4, recipe.train.seed)
+        batch.load_state_dict(stream.state_dict())
+        batch = batch.next()
+
+        def grads_of(names, batch=batch):
+            setup.student.zero_grad(set_to_none=True)
+            step_losses(setup, batch, terms := {})
+            sum(terms[k] for k in names).backward()
+            return flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+
+        rest, shd = grads_of(["task", "logit"]), grads_of(["shd"])
+        cos = float(rest @ shd / (rest.norm() * shd.norm()))
+        ema, seen = 0.9 * ema + 0.1 * cos, seen + 1
+        estimate = ema / (1 - 0.9 ** seen)
+        scale = min(1.0, max(0.0, estimate) * float(rest.norm() / shd.norm()))
+        setup.student.zero_grad(set_to_none=True)
+        parts, grad_norm, _, _ = train_step(setup, stream, opt, sched)
+        assert parts["grad_cos_shd"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
+        assert parts["shd_agreement"] == pytest.approx(estimate, rel=1e-4, abs=1e-6)
+        assert parts["shd_coef"] == pytest.approx(scale, rel=1e-4, abs=1e-9)
+        assert parts["grad_ratio_shd"] == pytest.approx(scale * float(shd.norm() / rest.norm()), rel=1e-4, abs=1e-9)
+        assert parts["grad_ratio_shd"] <= 1.0 + 1e-9
+        assert grad_norm == pytest.approx(float((rest + scale * shd).norm()), rel=1e-4)
 
 
 def test_distill_run_logs_part_norms_every_n_steps_and_follows_the_schedule(tiny_models, tiny_text, tmp_path):

@@ -8,6 +8,14 @@ The total loss of a step is  sum of w_task * task + w_logit * logit  (the "rest"
                  to the logit loss and the KD loss to the student loss, with detached ratios).
   balance grad:  the SHD GRADIENT on the student's parameters is scaled so that its norm is
                  fraction * ||gradient of the rest||; the ratio of norms is a constant of the step.
+  balance agreement: the SHD term is weighted as in none, then its gradient g_shd is capped so that
+                 ||g_shd|| <= max(0, c) * ||g_rest||, with c a running (bias-corrected EMA) estimate of
+                 cos(g_shd, g_rest). SHD's weight follows its measured usefulness to the task: where its
+                 gradient points with the task's (the causal and labelled students, cos 0.1-0.5) it keeps
+                 its weight; where it is orthogonal (embedding-regression encoders, cos ~0.02) it fades to a
+                 few percent of the task's step; it can never outweigh the task (c <= 1).
+  balance pcgrad: the SHD term is weighted as in none; when g_shd opposes g_rest (negative inner product) its
+                 component along g_rest is removed (PCGrad, Yu et al. 2020, projecting the auxiliary task only).
 Per-part gradients come from one torch.autograd.grad per part over the one forward's graph
 (retain_graph), summed into .grad: no second forward, one extra backward per part beyond the first
 (the SHD part only runs back through the mapped layers' q/k/v). Pure functions; train.py calls them.
@@ -16,12 +24,14 @@ Per-part gradients come from one torch.autograd.grad per part over the one forwa
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
 from shdcli.errors import ShdError
 
-REST = ("task", "logit")  # the parts SHD is balanced against
+MODES = ("none", "value", "grad", "agreement", "pcgrad")
+PER_PART = ("grad", "agreement", "pcgrad")  # modes that need the SHD gradient apart from the rest's
 
 
 # --------------------------------------------------------------------------- schedule
@@ -69,7 +79,7 @@ def weighted_terms(parts: dict[str, torch.Tensor], weights: dict[str, float], fr
     if "shd" not in parts:
         return terms
     shd = parts["shd"]
-    if mode == "none":
+    if mode in ("none", "agreement", "pcgrad"):  # the last two act on the gradient in backward_terms
         terms["shd"] = fraction * shd
     elif mode == "value":
         rest = sum(terms.values()) if terms else torch.zeros((), device=shd.device)
@@ -77,7 +87,7 @@ def weighted_terms(parts: dict[str, torch.Tensor], weights: dict[str, float], fr
     elif mode == "grad":
         terms["shd"] = shd
     else:
-        raise ValueError(f"unknown balance mode {mode!r} (use none, value or grad)")
+        raise ValueError(f"unknown balance mode {mode!r} (use {', '.join(MODES)})")
     return terms
 
 
@@ -113,6 +123,80 @@ def merge_rest(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def inner(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> float:
+    """<a, b> over two gradient lists (None = zero), accumulated in float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    for x, y in zip(a, b):
+        if x is not None and y is not None:
+            total = total + (x.detach().double() * y.detach().double()).sum().cpu()
+    return float(total)
+
+
+@dataclass
+class Agreement:
+    """Running estimate of cos(g_shd, g_rest) for balance=agreement: an exponential moving average with
+    Adam's bias correction (the first measured step counts fully). Saved in every checkpoint, so a resumed
+    run scales SHD exactly as an uninterrupted one."""
+
+    beta: float = 0.9
+    ema: float = 0.0
+    count: int = 0
+
+    @property
+    def estimate(self) -> float:
+        return self.ema / (1.0 - self.beta ** self.count) if self.count else 0.0
+
+    def update(self, cosine: float) -> float:
+        self.ema = self.beta * self.ema + (1.0 - self.beta) * cosine
+        self.count += 1
+        return self.estimate
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "ema": self.ema, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta, self.ema, self.count = float(state["beta"]), float(state["ema"]), int(state["count"])
+
+
+@dataclass
+class PartGradients:
+    """What backward_terms measured and applied for one micro-batch."""
+
+    norms: dict[str, float] = field(default_factory=dict)  # each term's gradient norm as added (before 1/divide)
+    scale: float = 1.0  # factor applied to the SHD term's gradient (pcgrad: 1, its change is a projection)
+    cosine: float | None = None  # cos(g_shd, g_rest) as weighted, before any change (None: one of them is 0)
+    ratio: float | None = None  # ||g_shd as added|| / ||g_rest||
+
+
+def adjust_shd_gradient(mode: str, shd: list[torch.Tensor | None], rest: list[torch.Tensor | None],
+                        n_student: int, fraction: float, agreement: Agreement | None = None
+                        ) -> tuple[list[torch.Tensor | None], float, float | None]:
+    """(the SHD gradient to add, the scale applied to it, cos(g_shd, g_rest)) for a balance mode.
+
+    shd, rest: gradient lists over all trainable parameters; norms and inner products are taken on the
+    first n_student (the student's; a projector's follow and have no rest gradient).
+      grad:      scale = fraction * ||g_rest|| / ||g_shd||.
+      agreement: c = agreement.update(cos) (the running estimate); scale = min(1, max(0, c) ||g_rest|| / ||g_shd||).
+      pcgrad:    g_shd - min(0, <g_shd, g_rest>) / ||g_rest||^2 * g_rest.
+      none/value: unchanged.
+    """
+    shd_norm, rest_norm = float(global_norm(shd[:n_student])), float(global_norm(rest[:n_student]))
+    dot = inner(shd[:n_student], rest[:n_student])
+    cosine = dot / (shd_norm * rest_norm) if shd_norm > 0 and rest_norm > 0 else None
+    scale = 1.0
+    if mode == "grad":
+        scale = fraction * rest_norm / shd_norm if shd_norm > 0 else 0.0
+    elif mode == "agreement":
+        assert agreement is not None, "balance=agreement needs its running Agreement"
+        c = agreement.update(cosine) if cosine is not None else agreement.estimate
+        scale = min(1.0, max(0.0, c) * rest_norm / shd_norm) if shd_norm > 0 else 1.0
+    elif mode == "pcgrad" and dot < 0:  # conflicting: drop the component of g_shd along g_rest
+        shd = sum_grads(shd, list(rest[:n_student]) + [None] * (len(shd) - n_student), -dot / rest_norm**2)
+    if scale != 1.0:
+        shd = [None if g is None else g * scale for g in shd]
+    return shd, scale, cosine
+
+
 def _add_into(params: list[torch.Tensor], grads: list[torch.Tensor | None], factor: float) -> None:
     for p, g in zip(params, grads):
         if g is not None:
@@ -121,52 +205,50 @@ def _add_into(params: list[torch.Tensor], grads: list[torch.Tensor | None], fact
 
 
 def backward_terms(terms: dict[str, torch.Tensor], params: list[torch.Tensor], n_student: int, mode: str,
-                   fraction: float, divide: int, keep: dict[str, list] | None = None
-                   ) -> tuple[dict[str, float], float]:
+                   fraction: float, divide: int, keep: dict[str, list] | None = None,
+                   agreement: Agreement | None = None) -> PartGradients:
     """Backward each term separately and add their sum / divide into params' .grad.
 
     params: the trainable parameters (student first: the first n_student are what gradient norms
-    are measured on; a projector's follow). mode grad: the shd gradient is multiplied by
-    s = fraction * ||g_rest|| / ||g_shd|| (norms on the student; s = 0 when g_shd is 0), so its
-    norm is fraction * ||g_rest||. Returns each term's gradient norm as added (shd scaled; before
-    the 1/divide) and the scale applied to the raw shd term (1 in modes none/value: their scale is in
-    the term). keep (grad accumulation): per-term running sums of the student gradients / divide, for
-    norms over the whole step. Memory: one term's gradient and the rest's sum at a time (plus keep).
+    are measured on; a projector's follow). The SHD term goes last; its gradient is changed by the
+    balance mode (adjust_shd_gradient) before it is added. Returns each term's gradient norm as added
+    (before the 1/divide), the scale applied to the shd gradient and the cosine and norm ratio of the SHD
+    gradient to the rest's. keep (grad accumulation): per-term running sums of the student gradients /
+    divide, for norms over the whole step. Memory: one term's gradient and the rest's sum at a time (plus keep).
     """
     names = [k for k, v in terms.items() if v.requires_grad]
-    norms = {k: 0.0 for k in terms}
-    rest: list[torch.Tensor | None] | None = None
+    out = PartGradients(norms={k: 0.0 for k in terms})
+    rest: list[torch.Tensor | None] = [None] * len(params)
 
     def record(name: str, grads: list[torch.Tensor | None]) -> None:
-        norms[name] = float(global_norm(grads[:n_student]))
+        out.norms[name] = float(global_norm(grads[:n_student]))
         if keep is not None:
             keep[name] = sum_grads(keep.get(name, [None] * n_student), grads[:n_student], 1.0 / divide)
 
     for i, name in enumerate(sorted(names, key=lambda k: k == "shd")):  # the rest first, shd last
         grads = list(torch.autograd.grad(terms[name], params, retain_graph=i < len(names) - 1, allow_unused=True))
         if name == "shd":
-            scale = 1.0
-            if mode == "grad":
-                rest_norm = float(global_norm((rest or [None])[:n_student]))
-                shd_norm = float(global_norm(grads[:n_student]))
-                scale = fraction * rest_norm / shd_norm if shd_norm > 0 else 0.0
-            grads = [None if g is None else g * scale for g in grads] if scale != 1.0 else grads
+            grads, out.scale, out.cosine = adjust_shd_gradient(mode, grads, rest, n_student, fraction, agreement)
             record(name, grads)
-            _add_into(params, grads, 1.0 / divide)
-            return norms, scale
-        record(name, grads)
-        rest = grads if rest is None else sum_grads(rest, grads)
+            rest_norm = float(global_norm(rest[:n_student]))
+            out.ratio = out.norms["shd"] / rest_norm if rest_norm > 0 else None
+        else:
+            record(name, grads)
+            rest = sum_grads(rest, grads)
         _add_into(params, grads, 1.0 / divide)
         del grads
-    return norms, (0.0 if mode == "grad" and "shd" in terms else 1.0)
+    if mode == "grad" and "shd" in terms and "shd" not in names:
+        out.scale = 0.0  # a term without a graph (schedule at 0) adds nothing
+    return out
 
 
 def check_supported(mode: str, distributed_enabled: bool) -> None:
-    """balance=grad assembles .grad by hand, which DDP/FSDP's gradient hooks never see."""
-    if mode == "grad" and distributed_enabled:
-        raise ShdError("distill.balance: grad runs in one process only (its per-part gradients bypass the "
-                       "DDP/FSDP gradient sync); under torchrun use distill.balance=value")
+    """The per-part modes assemble .grad by hand, which DDP/FSDP's gradient hooks never see."""
+    if mode in PER_PART and distributed_enabled:
+        raise ShdError(f"distill.balance: {mode} runs in one process only (its per-part gradients bypass the "
+                       "DDP/FSDP gradient sync); under torchrun use distill.balance=value or none")
 
 
-__all__ = ["schedule_factor", "shd_fraction", "value_scale", "weighted_terms", "merge_rest", "global_norm",
-           "backward_terms", "check_supported"]
+__all__ = ["MODES", "PER_PART", "schedule_factor", "shd_fraction", "value_scale", "weighted_terms", "merge_rest",
+           "global_norm", "inner", "Agreement", "PartGradients", "adjust_shd_gradient", "backward_terms",
+           "check_supported"]
