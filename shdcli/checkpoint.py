@@ -40,7 +40,7 @@ FORMAT = 1
 CHECKPOINTS = "checkpoints"
 RUN_INFO = "run.json"
 # What `shd distill` writes into output_dir; --overwrite removes exactly these (and hidden leftovers).
-RUN_FILES = (RUN_INFO, CHECKPOINTS, "student", "metrics.json", "report.md")
+RUN_FILES = (RUN_INFO, CHECKPOINTS, "student", "metrics.json", "report.md", "logs", "plots")
 _NAME = re.compile(r"^step-(\d{8})$")
 _FILES = ("student.safetensors", "state.safetensors", "state.json")
 

@@ -164,7 +164,11 @@ class TrainSpec(Section):
     grad_clip: float = Field(1.0, ge=0.0)
     seed: int = 0
     eval_every: int = Field(25, ge=1)
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(10, ge=1, description="steps between lines of the run log (output_dir/logs/metrics.jsonl, "
+                           "the trackers) and, off a terminal, of the console")
+    report_to: list[Literal["jsonl", "tensorboard", "mlflow", "wandb"]] = Field(
+        ["jsonl"], description="trackers the run logs to while it trains (shdcli/trackers.py); tensorboard, mlflow "
+        "and wandb need their pip extras")
     grad_norms_every: int = Field(10, ge=0, description="steps between measurements of the per-part gradient norms "
                                   "(task, logit, shd; costs one extra backward per part); 0 = never")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -209,7 +213,7 @@ class Recipe(Section):
         """Hash of everything that defines the run except its length and output place."""
         data = self.resolved()
         for key in ("max_steps", "eval_every", "log_every", "device", "threads", "strategy", "save_every",
-                    "keep_checkpoints", "compile"):
+                    "keep_checkpoints", "compile", "report_to"):
             data["train"].pop(key, None)
         for section in ("teacher", "student"):  # --allow-pickle changes how files load, not the run
             data[section].pop("allow_pickle", None)

@@ -116,8 +116,10 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def render_report(metrics: dict) -> str:
-    """report.md: what was distilled into what, how the losses moved, and where the student is."""
+def render_report(metrics: dict, plots: list[tuple[str, str]] | None = None, plot_note: str | None = None) -> str:
+    """report.md: what was distilled into what, how the losses moved, and where the student is.
+    plots: (caption, path relative to report.md) of the run's pictures (plots.write_run_plots); plot_note:
+    why there are none."""
     plan = metrics["plan"]
     t, s = plan["teacher"], plan["student"]
     out = [
@@ -148,6 +150,11 @@ def render_report(metrics: dict) -> str:
                 for k in names]
         out += ["", "## Final evaluation", "",
                 markdown_table(["metric", "teacher", "student at init", "student (final)"], rows)]
+    if plots or plot_note:
+        out += ["", "## Plots", ""]
+        out += [f"![{caption}]({path})\n" for caption, path in plots or []]
+        if plot_note:
+            out.append(f"No plots: {plot_note}.")
     out += ["", "## Layer and head plan", ""]
     rows = []
     for (si, ti), groups in zip(plan["layers"], plan["groups"]):

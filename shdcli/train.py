@@ -7,20 +7,20 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from shdcli import checkpoint, distributed
+from shdcli import checkpoint, distributed, plots, trackers
 from shdcli.attention import balance, capture, fused_logits
 from shdcli.attention.baselines import attention_target_loss, make_projector
 from shdcli.attention.losses import shd_loss
 from shdcli.attention.relations import relation_loss
+from shdcli.callbacks import Callback, CallbackList
 from shdcli.errors import ShdError
 from shdcli.evaluate import final_evaluation, ood_heldout
 from shdcli.model_card import render_card
@@ -31,6 +31,7 @@ from shdcli.models.lora import apply_lora, save_lora_student
 from shdcli.models.mapping import Plan, feature_bases, layer_pairs, make_plan, plan_table
 from shdcli.models.sources import count_parameters, resolve_source, save_model_folder
 from shdcli.models.st_modules import sentence_transformers_files
+from shdcli.progress import ProgressDisplay
 from shdcli.recipe import Recipe
 from shdcli.report import render_report, write_json_atomic, write_text_atomic
 from shdcli.students.derive import (
@@ -434,20 +435,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]distill"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[losses]}"),
-        TextColumn("{task.fields[speed]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
 @dataclass
 class RunState:
     """What the loop accumulates; every checkpoint stores it beside weights, optimizer, data and RNG."""
@@ -582,21 +569,38 @@ class Run:
         return folder
 
 
-def run_distillation(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool = False) -> dict:
-    """`shd distill`: prepare, train (from the newest checkpoint with resume), write student/ + metrics + report."""
+def run_distillation(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool = False,
+                     callbacks: Sequence[Callback] = ()) -> dict:
+    """`shd distill`: prepare, train (from the newest checkpoint with resume), write student/ + metrics + report.
+
+    `callbacks` (shdcli/callbacks.py) see the run after the built-in ones: the console display and, on
+    rank 0, the trackers of train.report_to."""
     t_start = time.perf_counter()
+    trackers.require(recipe.train.report_to)  # a missing tracker package fails before the slow setup
     dist_info = distributed.init(recipe.train.device)  # no-op outside torchrun
     if not dist_info.is_main:
         console = Console(quiet=True)
-    run = open_run(recipe, console, resume, overwrite, dist_info)
-    setup_s = time.perf_counter() - t_start
-    train_loop(run, console)
-    return write_outputs(run, setup_s, t_start, dist_info)
+    builtin = [ProgressDisplay(console), *([trackers.tracking(recipe)] if dist_info.is_main else [])]
+    hooks = CallbackList([*builtin, *callbacks])
+    try:
+        run = open_run(recipe, console, resume, overwrite, dist_info, hooks)
+        setup_s = time.perf_counter() - t_start
+        train_loop(run, console, hooks)
+        metrics = write_outputs(run, setup_s, t_start, dist_info)
+        hooks.on_end(metrics)
+    except BaseException:
+        with suppress(Exception):  # the run's own error is the one to report
+            hooks.close()
+        raise
+    hooks.close()
+    return metrics
 
 
-def open_run(recipe: Recipe, console: Console, resume: bool, overwrite: bool, dist_info) -> Run:
+def open_run(recipe: Recipe, console: Console, resume: bool, overwrite: bool, dist_info,
+             hooks: Callback | None = None) -> Run:
     """Setup phase: check the output folder, prepare the models and plan, show them, claim the folder, and
     restore the newest checkpoint (resume) or measure the student at step 0."""
+    hooks = hooks or Callback()
     resume_from = checkpoint.check_output_dir(recipe, resume, overwrite)  # before the slow part: fail fast
     setup = prepare(recipe, console)
     t_params, s_params = count_parameters(setup.teacher), count_parameters(distributed.unwrap(setup.student))
@@ -625,25 +629,27 @@ def open_run(recipe: Recipe, console: Console, resume: bool, overwrite: bool, di
         if "agreement" in restored:  # balance=agreement's running cosine (older checkpoints lack it)
             setup.agreement.load_state_dict(restored["agreement"])
         console.print(f"resumed from {resume_from} (step {run.state.step} of {recipe.train.max_steps})")
+        hooks.on_start(recipe, run.state)
         return run
     if resume:
         console.print(f"nothing to resume in {recipe.output_dir}: starting at step 0")
+    hooks.on_start(recipe, run.state)
     run.state.validation.append({"step": 0, **validate(setup)})
-    console.print("validation at step 0: " + _fmt_losses(run.state.validation[-1]))
+    hooks.on_validation(run.state, run.state.validation[-1])
     # The student at init, scored like the final student (size and speed are the same: not re-timed).
-    run.state.init_eval = _final_eval(setup, run.state.validation[0], speed=False)
+    run.state.init_eval = evaluate_student(setup, run.state.validation[0], speed=False)
     return run
 
 
-def train_loop(run: Run, console: Console) -> None:
-    """Loop phase: optimizer steps to train.max_steps with progress, validation and checkpoints; a signal
-    saves and raises checkpoint.Interrupted, a non-finite loss saves the last good state and stops."""
+def train_loop(run: Run, console: Console, hooks: Callback | None = None) -> None:
+    """Loop phase: optimizer steps to train.max_steps with callbacks (progress, logs), validation and
+    checkpoints; a signal saves and raises checkpoint.Interrupted, a non-finite loss saves the last good
+    state and stops."""
     setup, state, recipe = run.setup, run.state, run.setup.recipe
+    hooks = hooks or Callback()
     t_train, train_s_before = time.perf_counter(), state.train_s
     max_steps = recipe.train.max_steps
-    norms: dict[str, float] = {}  # the progress line's last per-part gradient norms (gn_task, gn_logit, gn_shd)
-    with checkpoint.StopOnSignal() as stop, _progress(console) as progress:
-        task_id = progress.add_task("distill", total=max_steps, completed=state.step, losses="", speed="")
+    with checkpoint.StopOnSignal() as stop:
         while state.step < max_steps:
             before = checkpoint.position(run.stream)  # the state to save if this step goes bad
             setup.step = state.step
@@ -664,14 +670,10 @@ def train_loop(run: Run, console: Console) -> None:
             state.train_s = train_s_before + time.perf_counter() - t_train
             state.history.append({"step": state.step, **parts, "lr": run.scheduler.get_last_lr()[0],
                                   "grad_norm": grad_norm, "time_s": state.train_s})
-            if any(k.startswith("grad_norm_") for k in parts):  # keep the last measured part norms in view
-                norms = {"gn_" + k[len("grad_norm_"):]: v for k, v in parts.items() if k.startswith("grad_norm_")}
-            shown = {k: v for k, v in parts.items() if not k.startswith("grad_norm_")}
-            progress.update(task_id, advance=1, losses=_fmt_losses({**shown, **norms}),
-                            speed=f"{state.tokens_seen / max(state.train_s, 1e-9):.0f} tok/s")
+            hooks.on_step(state, {**state.history[-1], "tokens": tokens})
             if state.step % recipe.train.eval_every == 0 or state.step == max_steps:
                 state.validation.append({"step": state.step, **validate(setup)})
-                progress.console.print(f"validation at step {state.step}: " + _fmt_losses(state.validation[-1]))
+                hooks.on_validation(state, state.validation[-1])
             if state.step % recipe.train.save_every == 0 or state.step == max_steps or stop.signum is not None:
                 folder = run.save()
             if stop.signum is not None:
@@ -694,7 +696,7 @@ def write_outputs(run: Run, setup_s: float, t_start: float, dist_info) -> dict:
         save_lora_student(to_save, setup.tokenizer, student_dir, extra)  # merged + lora/adapter + lora/base
     elif to_save is not None:
         save_model_folder(to_save, setup.tokenizer, student_dir, extra)
-    final = _final_eval(setup, state.validation[-1], student_dir)
+    final = evaluate_student(setup, state.validation[-1], student_dir)
     metrics = {
         "recipe": recipe.resolved(),
         "plan": plan_dict,
@@ -718,17 +720,19 @@ def write_outputs(run: Run, setup_s: float, t_start: float, dist_info) -> dict:
     }
     if dist_info.is_main:
         write_json_atomic(out_dir / "metrics.json", metrics)
-        write_text_atomic(out_dir / "report.md", render_report(metrics))
+        figures = plots.write_run_plots(metrics, out_dir)  # before the report that embeds them
+        write_text_atomic(out_dir / "report.md", render_report(metrics, figures.files, figures.note))
         if to_save is not None:  # the model card holds the final evaluation, so it comes after it
             write_text_atomic(student_dir / "README.md", render_card(metrics, setup.task, "modules.json" in extra))
     distributed.barrier()
     return metrics
 
 
-def _final_eval(setup: Setup, last_val: dict[str, float], student_dir: Path | None = None,
-                speed: bool = True) -> dict[str, float]:
-    """The last validation, the task's numbers on the run's validation batches, and (text tasks) what
-    `shd eval` reports for this student (evaluate.final_evaluation)."""
+def evaluate_student(setup: Setup, last_val: dict[str, float], student_dir: Path | None = None,
+                     speed: bool = True) -> dict[str, float]:
+    """The final evaluation of setup's student as it is now: the last validation, the task's numbers on the
+    run's validation batches, and (text tasks) what `shd eval` reports for this student
+    (evaluate.final_evaluation). The run scores the student at step 0 and at the end with it."""
     out = dict(last_val)
     was_training = setup.student.training
     setup.student.eval()
@@ -740,6 +744,3 @@ def _final_eval(setup: Setup, last_val: dict[str, float], student_dir: Path | No
         out.update(final_evaluation(setup, student_dir, speed))
     return out
 
-
-def _fmt_losses(parts: dict) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in parts.items() if k != "step" and isinstance(v, float))

@@ -22,7 +22,8 @@ LAYERS = [
     ("tasks", "shdcli.tasks"),
     ("students", "shdcli.students"),
     ("workflows", {"shdcli.train", "shdcli.checkpoint", "shdcli.evaluate", "shdcli.heads", "shdcli.export",
-                   "shdcli.model_card", "shdcli.demo"}),
+                   "shdcli.model_card", "shdcli.demo", "shdcli.callbacks", "shdcli.progress", "shdcli.trackers",
+                   "shdcli.plots", "shdcli.compare"}),
     ("cli", {"shdcli.cli", "shdcli.__main__"}),
 ]
 
