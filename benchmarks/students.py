@@ -96,7 +96,7 @@ def step0(recipe_data: dict, loaded: tuple, console: Console) -> dict:
     t0 = time.perf_counter()
     setup = train.prepare(recipe, console, loaded)
     derive_s = time.perf_counter() - t0
-    metrics = train._final_eval(setup, train.validate(setup))
+    metrics = train.evaluate_student(setup, train.validate(setup))
     metrics.update(student_params=count_parameters(setup.student), teacher_params=count_parameters(setup.teacher),
                    derive_s=derive_s, shape=setup.derivation.shape.text())
     return metrics

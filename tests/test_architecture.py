@@ -125,3 +125,26 @@ def test_every_folder_says_what_lives_there():
     for folder in [p for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()]:
         doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text()))
         assert doc and "import" in doc, f"{folder.name}/__init__.py needs a docstring saying what it may import"
+
+
+def test_benchmarks_use_only_public_shdcli_names():
+    """Benchmarks drive training through its public seams (train.run_distillation's callbacks, public
+    functions): importing a private name or assigning into an shdcli module breaks silently on a refactor."""
+    offenders = []
+    for path in sorted((PACKAGE.parent / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("shdcli"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                offenders += [f"{path.name}:{node.lineno} imports {name}" for name in private]
+                aliases |= {a.asname or a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                aliases |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("shdcli")}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                if node.attr.startswith("_") and not node.attr.startswith("__"):
+                    offenders.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+                if isinstance(node.ctx, ast.Store):
+                    offenders.append(f"{path.name}:{node.lineno} assigns {node.value.id}.{node.attr}")
+    assert not offenders, "benchmarks reach into shdcli internals: " + ", ".join(offenders)
