@@ -157,13 +157,16 @@ def eval_(
     ] = None,
     data: Annotated[
         str | None, typer.Option(help="Held-out text (default: the run's validation split, else builtin:sentences); "
+                                 "text classifiers: labelled rows (a builtin corpus: its fixed held-out split); "
                                  "image classifiers: images (default: the run's data, held-out split).")
     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON instead of a table.")] = False,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence (encoders, attention, "
                                          "latency); perplexity window for causal LMs.")] = 128,
     stride: Annotated[int | None, typer.Option(help="Perplexity window stride (default: half the window).")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Held-out tokens for perplexity.")] = 4096,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Held-out tokens scored: perplexity; text "
+                                                  "classifiers: held-out rows until they hold this many tokens "
+                                                  "(default: the run's data.eval_tokens, else 4096).")] = None,
     samples: Annotated[int, typer.Option(help="Held-out sequences for embedding and attention metrics.")] = 64,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 8,
     similarity: Annotated[
@@ -186,7 +189,8 @@ def eval_(
     if not is_image:
         options = evaluate.EvalOptions(seq_len=seq_len, stride=stride, max_tokens=max_tokens, samples=samples,
                                        batch_size=batch_size, speed=speed,
-                                       similarity=str(similarity) if similarity else None)
+                                       similarity=str(similarity) if similarity else None,
+                                       out_dir=str(out.parent) if out is not None else None)
         result = evaluate.run_eval(names, teacher, data, options, log=err_console.print)
     if out is not None:
         write_json_atomic(out, result)

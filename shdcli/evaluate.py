@@ -32,8 +32,8 @@ from shdcli.errors import ShdError
 from shdcli.models.families import ModelShape, enable_capture, model_shape
 from shdcli.models.mapping import Plan, feature_bases, make_plan
 from shdcli.models.sources import count_parameters, resolve_source, run_info
-from shdcli.tasks.base import QualityInputs
-from shdcli.tasks.data import TokenBlocks, eval_batches, read_documents, same_tokens, split_documents, tokenize
+from shdcli.tasks.base import HeldOut, QualityInputs
+from shdcli.tasks.data import TokenBlocks, eval_batches, read_documents, same_tokens, tokenize
 from shdcli.tasks.image import eval_hook, is_image_classifier
 from shdcli.tasks.registry import get as get_task
 from shdcli.tasks.registry import load_model
@@ -138,7 +138,9 @@ def _all_ranks_agree(more: bool, device: torch.device | str) -> bool:
 class EvalOptions:
     seq_len: int = 128  # tokens per sequence (encoder / attention / latency); perplexity window
     stride: int | None = None  # perplexity window stride (default: seq_len // 2)
-    max_tokens: int = 4096  # held-out tokens scored for perplexity
+    # held-out tokens scored for perplexity (classifiers: held-out rows until they hold this many tokens);
+    # None (shd eval): the run's data.eval_tokens, else 4096
+    max_tokens: int | None = 4096
     samples: int = 64  # held-out sequences for embedding and attention metrics
     batch_size: int = 8
     speed: bool = True
@@ -147,6 +149,7 @@ class EvalOptions:
     speed_seconds: float = 2.0  # per batch size, all models together
     similarity: str | None = None  # sentence-similarity TSV
     device: str = "cpu"
+    out_dir: str | None = None  # where tasks write plots (a classifier's confusion_<model>.png); None: nowhere
 
 
 @dataclass
@@ -161,12 +164,6 @@ class EvalModel:
     plan: Plan | None = None  # the student's distillation plan (None: infer one)
     plan_source: str = "inferred"
     alpha: str = "lsq"
-
-
-@dataclass
-class HeldOut:
-    docs: list[str]
-    source: str  # where the text came from, for the output
 
 
 def _shape_text(shape: ModelShape) -> str:
@@ -202,7 +199,8 @@ def evaluate_models(students: list[EvalModel], teacher: EvalModel | None, heldou
     entries = {id(m): _base_entry(m) for m in everyone}
 
     quality = QualityInputs(heldout.docs, tokenizer, options.seq_len, options.stride, options.max_tokens, batches,
-                            options.similarity, options.batch_size, device)
+                            options.similarity, options.batch_size, device, heldout.labels, heldout.pairs,
+                            Path(options.out_dir) if options.out_dir else None)
     memo_key = (heldout.source, len(heldout.docs), options.seq_len, options.stride, options.max_tokens,
                 options.samples, options.batch_size, options.similarity, str(device))
     for m in everyone:
@@ -272,15 +270,10 @@ def _base_entry(m: EvalModel) -> dict:
 
 
 # --------------------------------------------------------------------------- CLI: loading
-def heldout_from_recipe(recipe: dict) -> HeldOut:
-    """The validation split of a run's recipe: the documents its student never trained on."""
-    data, seed = recipe["data"], recipe.get("train", {}).get("seed", 0)
-    docs = read_documents(data["path"], data.get("text_field", "text"))
-    if data.get("max_documents"):
-        docs = docs[: data["max_documents"]]
-    _, val = split_documents(docs, data.get("val_fraction", 0.1), seed)
-    return HeldOut(val, f"validation split of {data['path']} (val_fraction {data.get('val_fraction', 0.1)}, "
-                        f"seed {seed})")
+def heldout_from_recipe(recipe: dict, task: str, config) -> HeldOut:
+    """The validation split of a run's recipe, as its task splits it: the documents its student never
+    trained on (config: the model's, for a classifier's label ids)."""
+    return get_task(task).heldout(recipe["data"], recipe.get("train", {}).get("seed", 0), config)
 
 
 def _load(spec: str, field_name: str, task: str | None = None) -> EvalModel:
@@ -294,7 +287,7 @@ def _load(spec: str, field_name: str, task: str | None = None) -> EvalModel:
 def run_eval(names: list[str], teacher_spec: str | None, data: str | None, options: EvalOptions,
              log: Callable[[str], None] = lambda _: None) -> dict:
     """`shd eval`: load the students (and teacher), pick held-out text, evaluate; returns the JSON dict."""
-    if options.seq_len < 2 or options.batch_size < 1 or options.samples < 1 or options.max_tokens < 2:
+    if options.seq_len < 2 or options.batch_size < 1 or options.samples < 1 or (options.max_tokens or 2) < 2:
         raise ShdError("--seq-len >= 2, --batch-size >= 1, --samples >= 1 and --max-tokens >= 2 are required")
     if options.stride is not None and not 1 <= options.stride < options.seq_len:
         raise ShdError(f"--stride: {options.stride} must be between 1 and --seq-len - 1 ({options.seq_len - 1}): "
@@ -320,10 +313,18 @@ def run_eval(names: list[str], teacher_spec: str | None, data: str | None, optio
             if info.plan_file is not None:
                 m.plan = plan_from_file(info.plan_file, t_shape, model_shape(m.model.config))
                 m.plan_source = str(info.plan_file)
+    run_data = first.recipe.get("data", {})
+    kind, config = get_task(students[0].task), students[0].model.config
+    if options.max_tokens is None:  # what the run's own evaluation scored
+        options = replace(options, max_tokens=run_data.get("eval_tokens", 4096))
+    if options.out_dir is None:  # plots (a classifier's confusion matrices) go next to the student
+        base = Path.cwd() / students[0].folder.name if names[0].startswith("pkg://") else students[0].folder
+        options = replace(options, out_dir=str(base.parent / f"{base.name}_eval"))
     if data is not None:
-        heldout = HeldOut(read_documents(data, field="--data"), data)
-    elif first.recipe.get("data", {}).get("path"):
-        heldout = heldout_from_recipe(first.recipe)
+        fields = {k: v for k, v in run_data.items() if k.endswith("_field")} if data == run_data.get("path") else {}
+        heldout = kind.heldout({**fields, "path": data}, 0, config, whole=True, field="--data")
+    elif run_data.get("path"):
+        heldout = heldout_from_recipe(first.recipe, students[0].task, config)
     else:
         heldout = HeldOut(read_documents("builtin:sentences"), "builtin:sentences")
     if any(str(n).endswith(".gguf") for n in [*names, teacher_spec or ""]):
@@ -396,6 +397,12 @@ ROWS: list[tuple[str, str, Callable[[object], str]]] = [
     ("similarity_pearson", "similarity Pearson vs teacher", _num(".4f")),
     ("similarity_spearman", "similarity Spearman vs teacher", _num(".4f")),
     ("sts_spearman", "sentence-similarity Spearman", _num(".4f")),
+    ("accuracy", "accuracy, held-out", _num(".4f")),
+    ("macro_f1", "macro-F1, held-out", _num(".4f")),
+    ("agreement", "agreement with the teacher", _num(".4f")),
+    ("ece", "calibration error (ECE, 15 bins)", _num(".4f")),
+    ("eval_rows", "held-out rows scored", _num(",")),
+    ("confusion_png", "confusion matrix", str),
     ("shd_kl", "attention KL to teacher (SHD)", _num(".4f")),
     ("latency_ms_b1", "latency batch 1 (ms)", _num(".1f")),
     ("tokens_per_s_b1", "tokens/s batch 1", _num(",.0f")),
@@ -440,7 +447,7 @@ def final_evaluation(setup, student_dir: Path | None, speed: bool = True) -> dic
     data.ood_eval, the same quality metrics on that corpus under `ood_` (and `teacher_ood_`)."""
     recipe = setup.recipe
     try:
-        heldout = heldout_from_recipe(recipe.resolved())
+        heldout = heldout_from_recipe(recipe.resolved(), setup.task, setup.teacher.config)
     except ShdError:  # parquet / datasets folders / streamed text: decode the run's own validation blocks
         docs = [setup.tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
                 for batch in setup.val_batches for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
@@ -451,7 +458,8 @@ def final_evaluation(setup, student_dir: Path | None, speed: bool = True) -> dic
                         "distillation plan", recipe.distill.alpha)
     options = EvalOptions(seq_len=recipe.data.seq_len, samples=recipe.data.batch_size * recipe.data.val_batches,
                           max_tokens=recipe.data.eval_tokens, batch_size=recipe.data.batch_size, speed=speed,
-                          speed_seconds=1.0, device=str(setup.device))
+                          speed_seconds=1.0, device=str(setup.device),
+                          out_dir=str(student_dir.parent) if student_dir is not None else None)
     was_training = setup.student.training
     try:
         out = _flat(evaluate_models([student], teacher, heldout, options, teacher_memo=setup.teacher_eval_memo))

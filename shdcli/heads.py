@@ -472,7 +472,7 @@ def run_inspect(model_spec: str, data: str | None = None, samples: int = 32, seq
     if tolerance < 0:
         raise ShdError("--tolerance: give a non-negative relative error, e.g. 0.3")
     folder = resolve_source(model_spec, "MODEL")
-    model, preprocessor, task = load_model(folder, "MODEL")
+    model, preprocessor, task = load_model(folder, "MODEL", backbone_ok=True)  # a masked LM: its attention
     shape = model_shape(model.config)
     if target_heads is not None and not 1 <= target_heads <= shape.heads:
         raise ShdError(f"--heads-to: {target_heads} is outside 1..{shape.heads} (the model has {shape.heads} heads)")

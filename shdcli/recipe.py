@@ -82,15 +82,20 @@ class StudentSpec(Section):
 class DataSpec(Section):
     path: PathText = Field(description="a .txt, .jsonl or .parquet file, a datasets save_to_disk folder, or "
                            "builtin:pydoc; images: a root/<class>/<file> folder, a .npz (x, y), a datasets folder, or "
-                           "builtin:digits")
+                           "builtin:digits; text classifiers: labelled .jsonl / .csv / .parquet rows, a datasets "
+                           "folder, builtin:bbc-news or builtin:tweets (fixed held-out split)")
     text_field: str = "text"
+    text_pair_field: str | None = Field(None, description="text classifiers: the column of each row's second text "
+                                        "(NLI / paraphrase pairs); None: single texts")
     stream: bool = Field(False, description="stream .txt/.jsonl into a memory-mapped token cache (always on for "
                          "parquet and datasets folders): for corpora larger than RAM")
     image_field: str = Field("image", description="image column of a datasets folder")
-    label_field: str = Field("label", description="label column of a datasets folder")
+    label_field: str = Field("label", description="label column (image datasets folders, text classifiers): class "
+                             "names (the teacher's label2id) or ids")
     seq_len: int = Field(128, ge=2)
     batch_size: int = Field(8, ge=1)
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held-out share (text classifiers: a fixed "
+                                "hash split; builtin:bbc-news / builtin:tweets always hold out their fixed 0.1)")
     max_documents: int | None = Field(None, ge=2)
     val_batches: int = Field(8, ge=1)
     ood_eval: PathText | None = Field(None, description="a second corpus (e.g. builtin:fortunes), never trained on, "
@@ -186,8 +191,9 @@ class TrainSpec(Section):
 
 
 class Recipe(Section):
-    task: Literal["auto", "causal-lm", "encoder", "image-classification"] = Field(
-        "auto", description="auto: from the teacher config's architectures (*ForCausalLM, *ForImageClassification)"
+    task: Literal["auto", "causal-lm", "encoder", "image-classification", "sequence-classification"] = Field(
+        "auto", description="auto: from the teacher config's architectures (*ForCausalLM, *ForImageClassification, "
+        "*ForSequenceClassification); encoder: distil the backbone of a model whose head shd does not distil"
     )
     teacher: TeacherSpec
     student: StudentSpec

@@ -12,6 +12,7 @@ A task is identified by its name (a recipe's `task:`); `registry.get(name)` give
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
 IMAGE_CLASSIFICATION = "image-classification"
+SEQUENCE_CLASSIFICATION = "sequence-classification"
 
 Batch = dict[str, torch.Tensor]
 
@@ -39,6 +41,17 @@ class Forwards:
 
 
 @dataclass
+class HeldOut:
+    """What the final evaluation and `shd eval` score: held-out documents and where they came from;
+    classifiers also get each document's label id (and the second text of a pair)."""
+
+    docs: list[str]
+    source: str  # where the text came from, for the output
+    labels: list[int] | None = None  # [S] label ids of the docs (classification tasks)
+    pairs: list[str] | None = None  # the second text of each pair (text-pair classification)
+
+
+@dataclass
 class QualityInputs:
     """What a task's held-out quality metrics read (`shd eval` and the final evaluation)."""
 
@@ -51,6 +64,9 @@ class QualityInputs:
     similarity: str | None  # sentence-similarity TSV
     batch_size: int
     device: torch.device | str
+    labels: list[int] | None = None  # HeldOut.labels
+    pairs: list[str] | None = None  # HeldOut.pairs
+    out_dir: Path | None = None  # where a task writes its plots (a classifier's confusion PNG); None: none
 
 
 class Task(Protocol):
@@ -95,9 +111,14 @@ class Task(Protocol):
     def run_metrics(self, student: nn.Module, teacher: nn.Module, val_batches: list[Batch], device) -> dict:
         """Numbers the final evaluation adds on the run's own validation batches."""
 
+    def heldout(self, data: dict, seed: int, config, whole: bool = False, field: str = "data.path") -> HeldOut:
+        """The held-out documents of a data section (a resolved recipe's `data` dict, train.seed `seed`):
+        its validation split, or with `whole` (`shd eval --data`) the whole source (classifiers: the
+        fixed held-out split of a builtin corpus). `config`: the model's, for label ids."""
+
     def quality(self, model: nn.Module, tokenizer, teacher: nn.Module | None, q: QualityInputs,
-                notes: list[str], name: str) -> dict[str, float]:
-        """Held-out quality of one model (perplexity; embedding agreement with the teacher ...)."""
+                notes: list[str], name: str) -> dict[str, float | str]:
+        """Held-out quality of one model (perplexity; embedding agreement with the teacher; accuracy ...)."""
 
     def output(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """What the depth search compares of a (pruned) model: logits, or a pooled embedding."""

@@ -25,13 +25,15 @@ from safetensors.torch import load_file, save_file
 from shdcli import distributed
 from shdcli.errors import ShdError
 from shdcli.models.sources import cache_dir, load_tokenizer
-from shdcli.tasks.base import Batch, model_inputs
+from shdcli.tasks.base import Batch, HeldOut, model_inputs
+from shdcli.tasks.corpora import LABELLED, read_builtin
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # shdcli/assets
 BUILTIN = {
     "builtin:pydoc": "CPython's pydoc help topics (~465 KB of English technical prose)",
     "builtin:sentences": "a few hundred ordinary English sentences shipped with shd",
     "builtin:fortunes": "Debian's fortunes (~2.5 MB of quotations; apt-get install fortunes)",
+    **LABELLED,  # labelled corpora (tasks/corpora.py): as plain text, their texts without labels
 }
 
 
@@ -100,6 +102,8 @@ def read_documents(path: str, text_field: str = "text", field: str = "data.path"
         return _split_text((ASSETS / "sentences.txt").read_text(encoding="utf-8"))
     if path == "builtin:fortunes":
         return fortune_documents(field)
+    if path in LABELLED:
+        return [row.text for row in read_builtin(path, field)]
     if path.startswith("builtin:"):
         raise ShdError(f"{field}: unknown builtin {path!r}; choose one of {', '.join(BUILTIN)}")
     file = Path(path).expanduser()
@@ -602,6 +606,17 @@ class TextTask:
 
     def row_mask(self, batch: Batch) -> torch.Tensor | None:
         return batch["attention_mask"].bool()
+
+    def heldout(self, data: dict, seed: int, config, whole: bool = False, field: str = "data.path") -> HeldOut:
+        """The validation split (split_documents with train.seed) of a recipe's text, or all of it (whole)."""
+        docs = read_documents(data["path"], data.get("text_field", "text"), field)
+        if whole:
+            return HeldOut(docs, data["path"])
+        if data.get("max_documents"):
+            docs = docs[: data["max_documents"]]
+        fraction = data.get("val_fraction", 0.1)
+        _, val = split_documents(docs, fraction, seed)
+        return HeldOut(val, f"validation split of {data['path']} (val_fraction {fraction}, seed {seed})")
 
     def inspect_batches(self, folder, preprocessor, data, samples, seq_len, batch_size, max_positions):
         batches, data = text_inspect_batches(preprocessor, folder, data, samples, seq_len, batch_size,

@@ -31,7 +31,10 @@ class Encoder(TextTask):
     text = True
 
     def matches(self, config) -> bool:
-        return True  # the fallback: anything that is not a causal LM or an image classifier
+        # The fallback for bare backbones (BertModel, MiniLM, sentence-transformers folders): a config that
+        # names a task head (BertForMaskedLM, *ForTokenClassification ...) is not silently distilled as an
+        # encoder with its head dropped; registry.task_of refuses it unless `task: encoder` is set.
+        return head_of(config) is None
 
     def auto_class(self) -> type:
         from transformers import AutoModel
@@ -84,6 +87,11 @@ class Encoder(TextTask):
     def output_distance(self, reference: torch.Tensor, output: torch.Tensor, batch: Batch) -> float:
         return float((1.0 - F.cosine_similarity(reference, output, dim=-1)).mean())
 
+
+
+def head_of(config) -> str | None:
+    """The first architecture of a config that carries a task head (transformers names them XFor...), or None."""
+    return next((a for a in getattr(config, "architectures", None) or [] if "For" in a), None)
 
 
 def channels_match(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor, channels: list[int]) -> bool:

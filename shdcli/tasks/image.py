@@ -24,23 +24,26 @@ images the teacher saw.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from shdcli.attention.losses import logit_kd_loss
 from shdcli.errors import ShdError
 from shdcli.models.sources import count_parameters, resolve_source
 from shdcli.report import write_json_atomic
-from shdcli.tasks.base import IMAGE_CLASSIFICATION, Batch, Forwards, QualityInputs, model_inputs
+from shdcli.tasks.base import IMAGE_CLASSIFICATION, Batch, Forwards, HeldOut, QualityInputs, model_inputs
+from shdcli.tasks.classify import (
+    class_kl,
+    classification_losses,
+    confusion_matrix,
+    plot_confusion,
+    topk_accuracy,
+)
 from shdcli.tasks.data import eval_batches
 
 SPLIT_SEED = 0
@@ -329,17 +332,6 @@ def image_batches(model_folder: str | Path, data_path: str, n_images: int = 32, 
     return [{"pixel_values": pixels[i:i + batch_size]} for i in range(0, len(pixels), batch_size)]
 
 
-# --------------------------------------------------------------------------- loss parts
-def classification_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                          use_logit: bool, temperature: float) -> dict[str, torch.Tensor]:
-    """task = cross entropy on labels; logit = T^2 KL(teacher || student) on class logits [B, C]."""
-    parts = {"task": F.cross_entropy(student_logits.float(), labels)}
-    if use_logit:
-        ones = torch.ones(labels.shape[0], 1, dtype=torch.long, device=labels.device)
-        parts["logit"] = logit_kd_loss(student_logits[:, None], teacher_logits[:, None], ones, temperature)
-    return parts
-
-
 # --------------------------------------------------------------------------- metrics
 @torch.inference_mode()
 def predict(model, batches: list[dict[str, torch.Tensor]], device: torch.device | str = "cpu"):
@@ -351,57 +343,9 @@ def predict(model, batches: list[dict[str, torch.Tensor]], device: torch.device 
     return torch.cat(logits), torch.cat(labels)
 
 
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    k = min(k, logits.shape[1])
-    hits = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
-    return float(hits.float().mean())
-
-
-def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
-    """[n, n] counts: row = true class, column = predicted class."""
-    return torch.bincount(labels * n + pred, minlength=n * n).view(n, n)
-
-
 def accuracy_metrics(model, batches, device) -> dict[str, float]:
     logits, labels = predict(model, batches, device)
     return {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
-
-
-def plot_confusion(matrix: torch.Tensor, classes: list[str], path: Path, title: str) -> None:
-    """Row-normalised confusion matrix PNG with counts, written atomically."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ShdError("the confusion matrix PNG needs matplotlib; pip install 'shd[plot]'") from exc
-    n = matrix.shape[0]
-    rates = matrix.double() / matrix.sum(dim=1, keepdim=True).clamp_min(1)
-    size = max(4.0, 0.45 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                if matrix[i, j]:
-                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
-                            color="white" if rates[i, j] > 0.5 else "black")
-        ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), classes, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 @torch.inference_mode()
@@ -571,6 +515,9 @@ class ImageClassification:
             out.update({f"{role}_{k}": v for k, v in accuracy_metrics(model, val_batches, device).items()})
         return out
 
+    def heldout(self, data: dict, seed: int, config, whole: bool = False, field: str = "data.path") -> HeldOut:
+        raise ShdError(f"{field}: an image classifier is scored on images (evaluate_classifier), not held-out text")
+
     def quality(self, model: nn.Module, tokenizer, teacher: nn.Module | None, q: QualityInputs,
                 notes: list[str], name: str) -> dict[str, float]:
         raise ShdError(f"{name}: an image classifier is scored on images (evaluate_classifier), not held-out text")
@@ -579,8 +526,7 @@ class ImageClassification:
         return model(**model_inputs(batch)).logits.float()  # [B, C]
 
     def output_distance(self, reference: torch.Tensor, output: torch.Tensor, batch: Batch) -> float:
-        log_p, log_q = F.log_softmax(reference, -1), F.log_softmax(output, -1)
-        return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+        return class_kl(reference, output)
 
     def inspect_batches(self, folder, preprocessor, data, samples, seq_len, batch_size, max_positions):
         data = data or IMAGE_DATA
