@@ -18,6 +18,7 @@ from rich.console import Console
 from shdcli import checkpoint, distributed, plots, trackers
 from shdcli.attention import balance, capture, fused_logits
 from shdcli.attention.baselines import attention_target_loss, make_projector
+from shdcli.attention.diagnostics import attention_diagnostics
 from shdcli.attention.losses import shd_loss
 from shdcli.attention.relations import relation_loss
 from shdcli.callbacks import Callback, CallbackList
@@ -377,12 +378,37 @@ def validate(setup: Setup) -> dict[str, float]:
         for k, v in {**parts, "total": total.detach()}.items():
             sums[k] = sums.get(k, 0.0) + float(v) * n
         tokens += n
+    first = {k: v[:DIAGNOSTIC_ROWS].to(setup.device) for k, v in distributed.rank_rows(setup.val_batches[0]).items()}
+    diagnostics = attention_report(setup, first)
     setup.student.train()
-    sums = distributed.all_reduce_sum({**sums, "_tokens": tokens}, setup.device)
+    world = distributed.info().world
+    sums = distributed.all_reduce_sum({**sums, "_tokens": tokens, **{f"_diag_{k}": v / world
+                                                                      for k, v in diagnostics.items()}}, setup.device)
     tokens = sums.pop("_tokens")
-    out = {f"val_{k}": v / max(tokens, 1.0) for k, v in sums.items()}
+    out = {f"val_{k}": v / max(tokens, 1.0) for k, v in sums.items() if not k.startswith("_diag_")}
+    out.update({f"val_{k[len('_diag_'):]}": v for k, v in sums.items() if k.startswith("_diag_")})
     out.update(setup.kind.validation_extras(setup.student, setup.val_batches, setup.device, out))
     return out
+
+
+DIAGNOSTIC_ROWS = 4  # rows of the first validation batch the attention diagnostics read (whole maps per layer)
+
+
+@torch.no_grad()
+def attention_report(setup: Setup, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sink share of the SHD KL and row entropies of student maps and squeezed targets on one batch
+    (attention/diagnostics.py); {} when the run has no squeeze target."""
+    d, kind = setup.recipe.distill, setup.kind
+    if d.shd == 0 or d.target != "squeeze":
+        return {}
+    inputs, fused = kind.inputs(batch), kind.fuses_heads(d)
+    with fused_logits.bypass_heads(setup.teacher, enabled=fused):
+        _, t_records = teacher_forward(setup, inputs)
+    with setup.student_recorder.active(), autocast(setup), fused_logits.bypass_heads(setup.student, enabled=fused):
+        setup.student(**inputs)
+        s_records = dict(setup.student_recorder.records)
+    return attention_diagnostics(t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases,
+                                 kind.row_mask(batch), batch.get("attention_mask"), d.alpha, d.temperature)
 
 
 class WeightStats:
