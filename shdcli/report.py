@@ -116,6 +116,33 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def shd_gradient_section(history: list[dict], distill: dict) -> list[str]:
+    """How SHD's gradient related to the task + logit gradient over the run (the steps that measured it,
+    train.grad_norms_every): mean cosine and norm ratio per third of training, and what balance did."""
+    measured = [h for h in history if "grad_cos_shd" in h]
+    if not measured:
+        return []
+    thirds = [measured[i * len(measured) // 3:(i + 1) * len(measured) // 3] for i in range(3)]
+    rows = []
+    for name, part in zip(("first third", "middle third", "last third"), thirds):
+        if part:
+            rows.append([name, f"{part[0]['step']}-{part[-1]['step']}", len(part),
+                         sum(h["grad_cos_shd"] for h in part) / len(part),
+                         sum(h.get("grad_ratio_shd", 0.0) for h in part) / len(part)])
+    mean_cos = sum(h["grad_cos_shd"] for h in measured) / len(measured)
+    out = ["", "## SHD and the task", "",
+           f"Cosine between the SHD gradient and the task + logit gradient on the student's parameters, and the "
+           f"norm of the SHD gradient as applied over the task + logit one (balance `{distill['balance']}`).", "",
+           markdown_table(["training", "steps", "measured", "cos(g_shd, g_task+logit)", "norm ratio"], rows), ""]
+    if distill["balance"] == "agreement" and "shd_coef" in history[-1]:
+        out.append(f"balance agreement: running cosine {history[-1].get('shd_agreement', 0.0):.3f} at the end; "
+                   f"SHD's weight then {history[-1]['shd_coef']:.3g} (distill.shd {distill['shd']:g}).")
+    elif mean_cos < 0.05:
+        out.append(f"Mean cosine {mean_cos:.3f}: SHD's gradient is nearly orthogonal to the task's here, the setting "
+                   "where it has cost quality in our studies; distill.balance=agreement lets it fade.")
+    return out
+
+
 def render_report(metrics: dict, plots: list[tuple[str, str]] | None = None, plot_note: str | None = None) -> str:
     """report.md: what was distilled into what, how the losses moved, and where the student is.
     plots: (caption, path relative to report.md) of the run's pictures (plots.write_run_plots); plot_note:
@@ -150,6 +177,7 @@ def render_report(metrics: dict, plots: list[tuple[str, str]] | None = None, plo
                 for k in names]
         out += ["", "## Final evaluation", "",
                 markdown_table(["metric", "teacher", "student at init", "student (final)"], rows)]
+    out += shd_gradient_section(metrics.get("history", []), metrics["recipe"]["distill"])
     if plots or plot_note:
         out += ["", "## Plots", ""]
         out += [f"![{caption}]({path})\n" for caption, path in plots or []]

@@ -91,17 +91,25 @@ def test_validation_records_the_diagnostics_and_none_without_shd(tiny_models, ti
     from shdcli.recipe import validate_recipe
     from shdcli.train import run_distillation
 
-    def run(shd: float, name: str) -> list[dict]:
+    def run(shd: float, name: str, balance: str = "none") -> list[dict]:
         data = {"teacher": str(tiny_models["llama"]), "student": {"from_teacher": {"layers": 2, "heads": 3}},
                 "data": {"path": str(tiny_text), "seq_len": 32, "batch_size": 4, "val_batches": 1},
-                "distill": {"shd": shd}, "train": {"max_steps": 2, "eval_every": 2, "device": "cpu"},
+                "distill": {"shd": shd, "balance": balance},
+                "train": {"max_steps": 3, "eval_every": 3, "device": "cpu", "grad_norms_every": 1},
                 "output_dir": str(tmp_path / name)}
         run_distillation(validate_recipe(data), Console(quiet=True))
-        return json.loads((tmp_path / name / "metrics.json").read_text())["validation"]
+        return json.loads((tmp_path / name / "metrics.json").read_text())
 
-    with_shd = run(1.0, "shd")
+    metrics = run(1.0, "shd", balance="agreement")
+    history, with_shd = metrics["history"], metrics["validation"]
+    # every measured step logs the cosine and the applied norm ratio; agreement caps that ratio at the cosine
+    for h in history:
+        assert -1.0 <= h["grad_cos_shd"] <= 1.0
+        assert h["grad_ratio_shd"] <= max(0.0, h["shd_agreement"]) + 1e-9
+    report = (tmp_path / "shd" / "report.md").read_text()
+    assert "## SHD and the task" in report and "balance agreement: running cosine" in report
     for record in with_shd:
         assert 0 < record["val_entropy_student"] <= math.log(32) + 1e-6
         assert 0 < record["val_entropy_target"] <= math.log(32) + 1e-6
         assert math.isfinite(record["val_sink_share"])
-    assert not any("val_sink_share" in r for r in run(0.0, "kd"))
+    assert not any("val_sink_share" in r for r in run(0.0, "kd")["validation"])
