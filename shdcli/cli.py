@@ -18,6 +18,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
+from shdcli import compare as comparing  # noqa: E402
 from shdcli import demo, distributed, evaluate, export, heads  # noqa: E402
 from shdcli.checkpoint import Interrupted  # noqa: E402
 from shdcli.errors import ShdError  # noqa: E402
@@ -202,6 +203,26 @@ def eval_(
             console.print(f"[dim]note: {note}[/dim]")
 
 
+@app.command("compare")
+def compare_(
+    runs: Annotated[list[Path], typer.Argument(help="Output folders of finished `shd distill` runs (same teacher).")],
+    plot: Annotated[Path, typer.Option(help="PNG of the runs' validation curves, overlaid.")] = Path("shd-compare.png"),
+    json_: Annotated[bool, typer.Option("--json", help="Print the table as JSON instead.")] = False,
+) -> None:
+    """Put runs side by side: the recipe keys that differ, final metrics, size and speed, and their
+    validation curves in one plot."""
+    result = comparing.compare_runs(runs)
+    note = comparing.write_overlay(result, plot)
+    if json_:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+    else:
+        console.print(comparing.comparison_table(result))
+    if note:
+        err_console.print(f"[yellow]note:[/yellow] no plot: {escape(note)}")
+    else:
+        err_console.print(f"validation curves: {plot}")
+
+
 @app.command("export")
 def export_(
     student: Annotated[Path, typer.Argument(help="Student folder written by `shd distill` (its student/).")],
@@ -226,27 +247,41 @@ def make_demo_teacher(
     kind: Annotated[str, typer.Argument(help="Which demo teacher: " + ", ".join(
         f"{k} ({v})" for k, v in demo.DEMO_TEACHERS.items()) + ".")],
     out: Annotated[Path, typer.Argument(help="Folder to write the teacher to (an HF folder).")],
-    data: Annotated[str, typer.Option(help="Images to train on: builtin:digits, an image folder, .npz or a "
-                                      "datasets folder.")] = "builtin:digits",
-    hidden: Annotated[int, typer.Option(help="Width.")] = 192,
-    heads_: Annotated[int, typer.Option("--heads", help="Attention heads per layer.")] = 12,
-    layers: Annotated[int, typer.Option(help="Transformer blocks.")] = 4,
-    intermediate: Annotated[int, typer.Option(help="MLP width.")] = 384,
-    image_size: Annotated[int, typer.Option("--image-size", help="Input image side (images are resized).")] = 16,
-    patch_size: Annotated[int, typer.Option("--patch-size", help="Patch side.")] = 4,
-    epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 20,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 64,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-3,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Images held out (fixed split).")] = 0.25,
+    data: Annotated[str | None, typer.Option(help="vit-digits: images (builtin:digits, an image folder, .npz or a "
+                                             "datasets folder); text-classifier: labelled rows (builtin:tweets, "
+                                             "builtin:bbc-news, .jsonl / .csv with text and label).")] = None,
+    hidden: Annotated[int, typer.Option(help="vit-digits: width.")] = 192,
+    heads_: Annotated[int, typer.Option("--heads", help="vit-digits: attention heads per layer.")] = 12,
+    layers: Annotated[int, typer.Option(help="vit-digits: transformer blocks.")] = 4,
+    intermediate: Annotated[int, typer.Option(help="vit-digits: MLP width.")] = 384,
+    image_size: Annotated[int, typer.Option("--image-size", help="vit-digits: input image side.")] = 16,
+    patch_size: Annotated[int, typer.Option("--patch-size", help="vit-digits: patch side.")] = 4,
+    epochs: Annotated[int, typer.Option(help="vit-digits: passes over the training images.")] = 20,
+    steps: Annotated[int, typer.Option(help="text-classifier: optimizer steps.")] = 300,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="text-classifier: tokens per row (longer rows are "
+                                         "cut).")] = 64,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Rows per step (default 64 images, "
+                                                   "16 texts).")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 2e-3 vit-digits, 1e-4 "
+                                             "text-classifier).")] = None,
+    val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Rows held out, fixed split (default "
+                                                       "0.25 images, 0.1 texts; text builtins: always 0.1).")] = None,
     seed: Annotated[int, typer.Option(help="Initialisation and data-order seed.")] = 0,
     threads: Annotated[int, typer.Option(help="torch CPU threads; 0 = torch's default.")] = 1,
 ) -> None:
-    """Train a small demo teacher offline (vit-digits: a ViT image classifier on scikit-learn's digits)."""
+    """Train a small demo teacher offline (vit-digits: a ViT image classifier on scikit-learn's digits;
+    text-classifier: all-MiniLM-L6-v2 fine-tuned on labelled text, default tweet sentiment)."""
     if kind not in demo.DEMO_TEACHERS:
         raise ShdError(f"KIND: {kind!r} is not a demo teacher; choose one of {', '.join(demo.DEMO_TEACHERS)}")
-    if min(hidden, heads_, layers, intermediate, image_size, patch_size, epochs, batch_size) < 1 or lr <= 0:
-        raise ShdError("--hidden, --heads, --layers, --intermediate, --image-size, --patch-size, --epochs, "
+    text = kind == "text-classifier"
+    batch_size = batch_size if batch_size is not None else (16 if text else 64)
+    lr = lr if lr is not None else (1e-4 if text else 2e-3)
+    val_fraction = val_fraction if val_fraction is not None else (0.1 if text else 0.25)
+    if min(hidden, heads_, layers, intermediate, image_size, patch_size, epochs, steps, batch_size) < 1 or lr <= 0:
+        raise ShdError("--hidden, --heads, --layers, --intermediate, --image-size, --patch-size, --epochs, --steps, "
                        "--batch-size and --lr must be positive")
+    if seq_len < 4:
+        raise ShdError(f"--seq-len: {seq_len} leaves no room for text after [CLS] and [SEP]; give at least 4")
     if hidden % heads_:
         raise ShdError(f"--hidden: {hidden} is not divisible by --heads {heads_}; give a multiple of the heads")
     if image_size % patch_size:
@@ -254,8 +289,12 @@ def make_demo_teacher(
     if not 0 < val_fraction < 1:
         raise ShdError(f"--val-fraction: {val_fraction} must be between 0 and 1")
     _threads(threads)
-    demo.make_teacher(out, data, hidden, heads_, layers, intermediate, image_size, patch_size, epochs, batch_size, lr,
-                      val_fraction, seed, 0, log=console.print)
+    if text:
+        demo.make_text_classifier(out, data or "builtin:tweets", steps=steps, batch_size=batch_size, lr=lr,
+                                  seq_len=seq_len, val_fraction=val_fraction, seed=seed, log=console.print)
+        return
+    demo.make_teacher(out, data or "builtin:digits", hidden, heads_, layers, intermediate, image_size, patch_size,
+                      epochs, batch_size, lr, val_fraction, seed, 0, log=console.print)
 
 
 def _int_list(text: str | None, field: str) -> list[int] | None:

