@@ -15,7 +15,7 @@ import yaml
 from shdcli.report import markdown_table
 
 _PIPELINES = {"causal-lm": "text-generation", "encoder": "feature-extraction",
-              "image-classification": "image-classification"}
+              "image-classification": "image-classification", "sequence-classification": "text-classification"}
 _SHAPE_ROWS = (("layers", "layers"), ("heads", "attention heads"), ("kv_heads", "key/value heads"),
                ("head_dim", "head dim"), ("hidden", "hidden size"), ("intermediate", "MLP width"),
                ("vocab", "vocabulary"), ("max_positions", "context (positions)"))
@@ -106,6 +106,10 @@ def _usage(task: str, sentence_transformers: bool) -> str:
         load = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
                 "model = AutoModelForCausalLM.from_pretrained(\"path/to/student\")\n"
                 "tokenizer = AutoTokenizer.from_pretrained(\"path/to/student\")\n```")
+    elif task == "sequence-classification":
+        load = ("```python\nfrom transformers import pipeline\n\n"
+                "classify = pipeline(\"text-classification\", model=\"path/to/student\")\n"
+                "classify(\"What a lovely day.\")  # [{'label': ..., 'score': ...}] with the teacher's labels\n```")
     elif task == "image-classification":
         load = ("```python\nfrom transformers import AutoModelForImageClassification\n\n"
                 "model = AutoModelForImageClassification.from_pretrained(\"path/to/student\")\n```")
