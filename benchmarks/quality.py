@@ -93,6 +93,9 @@ METHODS: dict[str, tuple[str, dict]] = {
     "shd_last": ("L5 KD + SHD on the last layer only", {"distill.layers": {"last": 1}}),
     "shd_every2": ("L6 KD + SHD on every 2nd layer", {"distill.layers": {"every": 2}}),
     "relations": ("R KD + MiniLMv2 Q/K/V relations", {"distill.target": "relations"}),
+    # issue 26: SHD's gradient capped at the running cos(g_shd, g_task+logit) x the task's; PCGrad's projection
+    "shd_agree": ("A1 KD + SHD, agreement-capped gradient", {"distill.balance": "agreement"}),
+    "shd_pcgrad": ("A2 KD + SHD, PCGrad projection", {"distill.balance": "pcgrad"}),
 }
 # The issue-4 report runs these; the issue-13 study (--study) runs STUDY_METHODS.
 ISSUE4_METHODS = ["task", "kd", "shd_lsq", "shd_mean", "shd_select", "shd_calibrated", "projector", "score_mean",
