@@ -7,7 +7,6 @@ line every train.log_every steps instead: step/max, loss parts, tokens/s, elapse
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 from rich.console import Console
@@ -47,11 +46,12 @@ class ProgressDisplay(Callback):
         self.task_id = None
         self.norms: dict[str, float] = {}
         self.max_steps = self.log_every = 1
-        self.start_step, self.t0 = 0, time.perf_counter()
+        self.start_step, self.train_s0 = 0, 0.0
 
     def on_start(self, recipe: Recipe, state: LoopState) -> None:
         self.max_steps, self.log_every = recipe.train.max_steps, recipe.train.log_every
-        self.start_step, self.t0 = state.step, time.perf_counter()
+        # This process's own pace (a resumed run's earlier steps ran elsewhere; setup is not training).
+        self.start_step, self.train_s0 = state.step, state.train_s
 
     def _start_bar(self, state: LoopState) -> None:
         # Started at the first step, not in on_start: the step-0 validation prints before it.
@@ -76,9 +76,8 @@ class ProgressDisplay(Callback):
         step = state.step
         if step % self.log_every and step != self.max_steps and step != self.start_step + 1:
             return
-        elapsed = time.perf_counter() - self.t0
-        done = step - self.start_step  # this process's steps: a resumed run's ETA uses its own pace
-        eta = elapsed / max(done, 1) * (self.max_steps - step)
+        elapsed = state.train_s - self.train_s0
+        eta = elapsed / max(step - self.start_step, 1) * (self.max_steps - step)
         self._print(f"step {step}/{self.max_steps} {losses} {speed:.0f} tok/s "
                     f"elapsed {fmt_duration(elapsed)} eta {fmt_duration(eta)}")
 

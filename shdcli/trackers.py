@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,10 @@ class JsonlLogger(Logger):
 
 # --------------------------------------------------------------------------- tensorboard
 def _tag(line: dict, key: str) -> str:
-    return {"step": "train", "validation": "val", "final": "final"}[line["kind"]] + "/" + key.removeprefix("val_")
+    """train/<part>, val/<part> (a validation line's val_ prefix dropped), final/<metric>."""
+    if line["kind"] == "validation":
+        return "val/" + key.removeprefix("val_")
+    return {"step": "train", "final": "final"}[line["kind"]] + "/" + key
 
 
 def _flat_recipe(data: dict, prefix: str = "") -> dict[str, str]:
@@ -208,9 +212,10 @@ class MlflowLogger(Logger):
         self.client = self.run_id = None
 
     def start(self, recipe: Recipe, step: int) -> None:
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # its database set-up notes are not ours to print
         from mlflow.entities import Param  # third-party, lazy: the mlflow extra
         from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # its database set-up notes are not ours to print
 
         folder = logs_dir(recipe)
         folder.mkdir(parents=True, exist_ok=True)
@@ -258,10 +263,13 @@ class WandbLogger(Logger):
         folder = logs_dir(recipe)
         folder.mkdir(parents=True, exist_ok=True)
         id_file = folder / "wandb_run_id"
-        run_id = id_file.read_text().strip() if step and id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if step and id_file.exists() else uuid.uuid4().hex[:8]
         write_text_atomic(id_file, run_id + "\n")
         self.run = wandb.init(mode="offline", dir=str(folder), project="shd", name=Path(recipe.output_dir).name,
-                              id=run_id, resume="allow", config=recipe.resolved())
+                              id=run_id, resume="allow", config=recipe.resolved(),
+                              # no stdout capture (the console is shd's), no system-metrics sampler, no git/code
+                              settings=wandb.Settings(console="off", x_disable_stats=True, save_code=False,
+                                                      disable_git=True))
 
     def log(self, line: dict[str, Any]) -> None:
         self.run.log({_tag(line, k): v for k, v in line.items() if k not in ("kind", "step", "wall_time")},
