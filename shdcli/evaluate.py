@@ -463,8 +463,8 @@ def final_evaluation(setup, student_dir: Path | None, speed: bool = True) -> dic
     was_training = setup.student.training
     try:
         out = _flat(evaluate_models([student], teacher, heldout, options, teacher_memo=setup.teacher_eval_memo))
-        if recipe.data.ood_eval:
-            ood = ood_heldout(recipe.data.ood_eval)
+        ood = optional_ood(recipe.data.ood_eval)  # None: not on this machine (the report says why)
+        if ood is not None:
             result = evaluate_models([student], teacher, ood, replace(options, speed=False, attention=False),
                                      teacher_memo=setup.teacher_eval_memo)
             out.update({_ood_key(k): v for k, v in _flat(result).items() if _is_quality(k)})
@@ -481,6 +481,23 @@ def ood_heldout(path: str) -> HeldOut:
     docs = read_documents(path, field="data.ood_eval")
     step = max(1, len(docs) // OOD_DOCUMENTS)
     return HeldOut(docs[::step][:OOD_DOCUMENTS], f"{path} (every {step}th document, never trained on)")
+
+
+def optional_ood(path: str | None) -> HeldOut | None:
+    """data.ood_eval's corpus, or None when it is not set or cannot be read here (an optional corpus, e.g.
+    builtin:fortunes without Debian's package, must not stop a run: the plan warns, the report says why)."""
+    return None if not path or ood_unavailable(path) else ood_heldout(path)
+
+
+def ood_unavailable(path: str | None) -> str | None:
+    """Why data.ood_eval cannot be scored on this machine (the reader's one-line error), or None."""
+    if not path:
+        return None
+    try:
+        ood_heldout(path)
+    except ShdError as exc:
+        return str(exc)
+    return None
 
 
 def _is_quality(key: str) -> bool:

@@ -175,6 +175,8 @@ def render_report(metrics: dict, plots: list[tuple[str, str]] | None = None, plo
         names += [k for k in init if not k.startswith("teacher_") and k not in final]
         rows = [[k, final.get(f"teacher_{k}", init.get(f"teacher_{k}", "")), init.get(k, ""), final.get(k, "")]
                 for k in names]
+        for name, why in (metrics.get("not_measured") or {}).items():
+            rows.append([f"{name} (ood_*)", "not measured", "not measured", f"not measured ({why})"])
         out += ["", "## Final evaluation", "",
                 markdown_table(["metric", "teacher", "student at init", "student (final)"], rows)]
     out += shd_gradient_section(metrics.get("history", []), metrics["recipe"]["distill"])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from shdcli import checkpoint, distributed, plots, trackers
 from shdcli.attention import balance, capture, fused_logits
@@ -23,7 +24,7 @@ from shdcli.attention.losses import shd_loss
 from shdcli.attention.relations import relation_loss
 from shdcli.callbacks import Callback, CallbackList
 from shdcli.errors import ShdError
-from shdcli.evaluate import final_evaluation, ood_heldout
+from shdcli.evaluate import final_evaluation, ood_unavailable
 from shdcli.model_card import render_card
 from shdcli.models import checks
 from shdcli.models.families import decoder_layers, enable_capture, has_fixed_head_dim, model_shape
@@ -226,8 +227,6 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     # Validation batches are global (batch_size * world rows); validate() gives each rank its share.
     train_blocks, val = kind.training_data(recipe, tokenizer, teacher.config, distributed.info().world)
 
-    if recipe.data.ood_eval:  # read now: a missing corpus must not fail the run after training
-        ood_heldout(recipe.data.ood_eval)
     calibration = functools.cache(lambda: calibration_batches(train_blocks, recipe))
     student, plan, derivation = make_student(recipe, teacher, tokenizer, task, calibration, device, console)
     if recipe.student.lora is not None:
@@ -636,6 +635,10 @@ def open_run(recipe: Recipe, console: Console, resume: bool, overwrite: bool, di
     if warning:
         console.print(f"[yellow]{warning}[/yellow]")
     console.print(plan_table(setup.plan))
+    missing = ood_unavailable(recipe.data.ood_eval)  # optional: the run goes on, the report says why
+    if missing:
+        console.print(f"[yellow]warning: data.ood_eval will not be measured: {escape(missing)}[/yellow]",
+                      soft_wrap=True)
     if dist_info.is_main:
         checkpoint.claim_output_dir(recipe, overwrite)
     distributed.barrier()
@@ -734,6 +737,8 @@ def write_outputs(run: Run, setup_s: float, t_start: float, dist_info) -> dict:
         "final_eval": final,
         "derivation": setup.derivation.to_dict() if setup.derivation is not None else None,
         "alphas": state.stats.summary(),
+        # optional evaluation corpora this machine lacks: {recipe field: why}, a "not measured" report row
+        "not_measured": {"data.ood_eval": why} if (why := ood_unavailable(recipe.data.ood_eval)) else {},
         "sizes": {"teacher_params": count_parameters(setup.teacher),
                   "student_params": count_parameters(setup.student),
                   "student_trainable_params": sum(p.numel() for p in setup.student.parameters() if p.requires_grad)},

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from shdcli import checkpoint, plots, trackers
 from shdcli.callbacks import Callback
+from shdcli.errors import ShdError
 from shdcli.recipe import validate_recipe
 from shdcli.report import render_report
 from tests.conftest import run_cli, run_main
@@ -258,3 +259,35 @@ def test_compare_refuses_runs_of_different_teachers(tracked, tmp_path, monkeypat
     [line] = [x for x in err.splitlines() if x.strip()]
     assert "different teachers" in line and "/models/another-teacher" in line
     assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_optional_eval_corpus_is_a_warning_and_a_report_row(tiny_models, tiny_text, tmp_path, monkeypatch):
+    from shdcli.tasks import data as corpora
+
+    empty = tmp_path / "no-fortunes"
+    empty.mkdir()
+    real = corpora.fortune_documents
+    monkeypatch.setattr(corpora, "fortune_documents", lambda field="data.path", root=None: real(field, empty))
+    out = tmp_path / "run"
+    recipe = recipe_data(tiny_models["gpt2"], tiny_text, out, max_steps=2)
+    recipe["data"]["ood_eval"] = "builtin:fortunes"
+    from shdcli.train import run_distillation
+
+    threads = torch.get_num_threads()
+    console = Console(record=True, width=250, file=open(os.devnull, "w"))
+    try:
+        metrics = run_distillation(validate_recipe(recipe), console)
+    finally:
+        torch.set_num_threads(threads)
+    assert "warning: data.ood_eval will not be measured: data.ood_eval: builtin:fortunes needs Debian's fortunes" \
+        in console.export_text()
+    assert not any(k.startswith("ood_") for k in metrics["final_eval"]) and "perplexity" in metrics["final_eval"]
+    assert "apt-get install fortunes" in metrics["not_measured"]["data.ood_eval"]
+    report = (out / "report.md").read_text()
+    assert "| data.ood_eval (ood_*) | not measured | not measured | not measured (data.ood_eval: builtin:fortunes" \
+        in report
+    # A missing training corpus stays an error.
+    recipe["data"]["path"] = "builtin:fortunes"
+    recipe["output_dir"] = str(tmp_path / "run2")
+    with pytest.raises(ShdError, match="data.path: builtin:fortunes needs Debian's fortunes"):
+        run(recipe)
