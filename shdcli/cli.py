@@ -266,6 +266,8 @@ def make_demo_teacher(
                                              "text-classifier).")] = None,
     val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Rows held out, fixed split (default "
                                                        "0.25 images, 0.1 texts; text builtins: always 0.1).")] = None,
+    eval_rows: Annotated[int | None, typer.Option("--eval-rows", help="text-classifier: score only the first N "
+                                                  "held-out rows (a quick check; default: all).")] = None,
     seed: Annotated[int, typer.Option(help="Initialisation and data-order seed.")] = 0,
     threads: Annotated[int, typer.Option(help="torch CPU threads; 0 = torch's default.")] = 1,
 ) -> None:
@@ -280,6 +282,8 @@ def make_demo_teacher(
     if min(hidden, heads_, layers, intermediate, image_size, patch_size, epochs, steps, batch_size) < 1 or lr <= 0:
         raise ShdError("--hidden, --heads, --layers, --intermediate, --image-size, --patch-size, --epochs, --steps, "
                        "--batch-size and --lr must be positive")
+    if eval_rows is not None and eval_rows < 1:
+        raise ShdError(f"--eval-rows: {eval_rows} must be at least 1 (leave it out to score every held-out row)")
     if seq_len < 4:
         raise ShdError(f"--seq-len: {seq_len} leaves no room for text after [CLS] and [SEP]; give at least 4")
     if hidden % heads_:
@@ -291,7 +295,8 @@ def make_demo_teacher(
     _threads(threads)
     if text:
         demo.make_text_classifier(out, data or "builtin:tweets", steps=steps, batch_size=batch_size, lr=lr,
-                                  seq_len=seq_len, val_fraction=val_fraction, seed=seed, log=console.print)
+                                  seq_len=seq_len, val_fraction=val_fraction, seed=seed, eval_rows=eval_rows,
+                                  log=console.print)
         return
     demo.make_teacher(out, data or "builtin:digits", hidden, heads_, layers, intermediate, image_size, patch_size,
                       epochs, batch_size, lr, val_fraction, seed, 0, log=console.print)

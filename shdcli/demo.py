@@ -106,11 +106,12 @@ def _warmup_cosine(optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
 
 def make_text_classifier(out: str | Path, data: str = "builtin:tweets", steps: int = 300, batch_size: int = 16,
                          lr: float = 1e-4, seq_len: int = 64, val_fraction: float = 0.1, seed: int = 0,
-                         base: str = MINILM, log=print) -> dict:
+                         eval_rows: int | None = None, base: str = MINILM, log=print) -> dict:
     """Fine-tune `base` (all-MiniLM-L6-v2) with a classification head on the training rows of `data`
     (tasks/text_classification.py's fixed split: a recipe on the same data scores on rows this teacher
     never saw) and save it as an HF *ForSequenceClassification folder; returns (and saves, as
-    shd_teacher.json) its accuracy on the held-out rows."""
+    shd_teacher.json) its accuracy on the held-out rows (the first eval_rows of them, in their hash
+    order, when given: a quick check; None scores them all)."""
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
@@ -131,7 +132,7 @@ def make_text_classifier(out: str | Path, data: str = "builtin:tweets", steps: i
         return text_cls.encode(tokenizer, [rows[i].text for i in index_list], pairs,
                       [index[str(rows[i].label)] for i in index_list], seq_len, pad)
 
-    train, held = part(train_idx), part(held_idx)
+    train, held = part(train_idx), part(held_idx[:eval_rows])
     stream = BatchStream(train, batch_size, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = _warmup_cosine(optimizer, steps)
