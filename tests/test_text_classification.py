@@ -110,6 +110,18 @@ def test_classifier_teacher_gives_a_classifier_student_that_learns(tmp_path, mon
     assert final["accuracy"] >= 0.8 and final["teacher_accuracy"] < final["accuracy"]
     assert {"macro_f1", "ece", "agreement", "speedup_b8", "params_ratio"} <= set(final)
     assert (tmp_path / "run" / "confusion_student.png").stat().st_size > 0
+    # shd eval: teacher and held-out split from the run's metrics.json; --data FILE scores all its rows
+    code, out, err = run_main(monkeypatch, capfd, "eval", str(student_dir), "--json", "--no-speed")
+    assert code == 0, err[-3000:]
+    result = json.loads(out)
+    entry = result["students"][0]
+    assert entry["accuracy"] == pytest.approx(final["accuracy"]) and entry["eval_rows"] == final["eval_rows"]
+    assert result["teacher"]["accuracy"] == pytest.approx(final["teacher_accuracy"])
+    assert Path(entry["confusion_png"]).parent == tmp_path / "run" / "student_eval"
+    code, out, err = run_main(monkeypatch, capfd, "eval", str(student_dir), "--json", "--no-speed", "--data",
+                              str(tmp_path / "fresh.jsonl"))
+    assert code == 0, err[-3000:]
+    assert json.loads(out)["students"][0]["eval_rows"] == 64 and json.loads(out)["students"][0]["accuracy"] >= 0.8
 
 
 def test_derived_student_keeps_pooler_and_classifier_on_the_kept_channels(tmp_path):
