@@ -158,6 +158,22 @@ def reduce_metrics(parts: dict[str, float], tokens: int, device: torch.device) -
     return {k: sums[f"part/{k}"] / _INFO.world for k in parts}, int(round(sums["tokens"]))
 
 
+def average_grads(grads: list[torch.Tensor | None], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Mean over ranks of one loss part's gradients (one all-reduce of a flat buffer); identity when not
+    distributed. Per-part balancing (balance.py) takes gradients with torch.autograd.grad, which DDP's
+    hooks never see, so each part is averaged here. None (a parameter this rank's graph did not reach)
+    becomes zeros: every rank must put the same buffer into the collective. like: the parameters."""
+    if not _INFO.enabled:
+        return grads
+    full = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like)]
+    flat = torch.cat([g.reshape(-1) for g in full])
+    where = flat.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    buf = flat.to(where)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    buf = (buf / _INFO.world).to(flat.device)
+    return [chunk.view_as(g) for chunk, g in zip(buf.split([g.numel() for g in full]), full)]
+
+
 def as_float(value: torch.Tensor) -> float:
     """A scalar tensor (possibly an FSDP2 DTensor, e.g. the total grad norm) as a Python float."""
     if hasattr(value, "full_tensor"):

@@ -217,7 +217,7 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     if device.type == "cpu":  # a resumed run must end bit-identical to an uninterrupted one
         torch.use_deterministic_algorithms(True, warn_only=True)
     amp_dtype = torch.bfloat16 if recipe.train.dtype == "bfloat16" else None
-    balance.check_supported(recipe.distill.balance, distributed.env_info().enabled)
+    balance.check_supported(recipe.distill.balance, recipe.train.strategy if distributed.env_info().enabled else None)
 
     teacher, tokenizer, task = loaded if loaded is not None else load_teacher(recipe)[:3]
     t_shape = model_shape(teacher.config)
@@ -496,10 +496,12 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
     """One optimizer step over grad_accum micro-batches -> (mean loss parts, grad norm, squeeze weights, tokens)."""
     accum, clip = setup.recipe.train.grad_accum, setup.recipe.train.grad_clip
     d, every = setup.recipe.distill, setup.recipe.train.grad_norms_every
-    # Per-part backward (balance=grad always, norms every grad_norms_every-th step; one process only: it
-    # assembles .grad by hand, which DDP/FSDP's sync hooks would not see).
-    measure = not distributed.env_info().enabled and every > 0 and (setup.step + 1) % every == 0
-    per_part = measure or (d.balance in balance.PER_PART and not distributed.env_info().enabled)
+    # Per-part backward (balance grad/agreement/pcgrad always, norms every grad_norms_every-th step).
+    # Under DDP each part's gradient is averaged over ranks by hand (distributed.average_grads) with DDP's own
+    # all-reduce switched off for the step; FSDP's sharded gradients only come through its hooks: no per-part.
+    sharded = distributed.is_sharded(setup.student)
+    measure = not sharded and every > 0 and (setup.step + 1) % every == 0
+    per_part = measure or (d.balance in balance.PER_PART and not sharded)
     params = [p for p in setup.student.parameters() if p.requires_grad]
     n_student = len(params)
     if setup.projector is not None:
@@ -513,7 +515,7 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
     for micro in range(accum):
         batch = {k: v.to(setup.device) for k, v in stream.next().items()}
         # forward and backward inside: DDP/FSDP skip the gradient all-reduce until the last micro-step
-        with distributed.grad_sync(setup.student, micro == accum - 1):
+        with distributed.grad_sync(setup.student, micro == accum - 1 and not per_part):
             terms: dict[str, torch.Tensor] = {}
             total, parts, w = step_losses(setup, batch, terms)
             for name, value in {**parts, "total": total.detach()}.items():
@@ -528,7 +530,8 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
                 split = measure and not setup.kind.fuses_heads(d)
                 result = balance.backward_terms(terms if split else balance.merge_rest(terms), params,
                                                 n_student, d.balance, fraction, accum,
-                                                part_grads if accum > 1 and measure else None, setup.agreement)
+                                                part_grads if accum > 1 and measure else None, setup.agreement,
+                                                distributed.average_grads if distributed.env_info().enabled else None)
                 if d.balance in ("grad", "agreement") and "shd" in terms:  # the total with the scale applied
                     setup.shd_grad_scale = result.scale
                     shd_coef *= result.scale

@@ -113,16 +113,18 @@ def test_per_part_backward_without_balance_equals_one_backward_and_divides_for_a
         torch.testing.assert_close(t, g)
 
 
-def test_balance_needs_a_reference_term_and_grad_needs_one_process():
+def test_balance_needs_a_reference_term_and_per_part_modes_refuse_fsdp():
     from shdcli.recipe import validate_recipe
 
     base = {"teacher": "t", "student": {"path": "s"}, "data": {"path": "d.txt"}}
     with pytest.raises(ShdError, match="balance=value scales SHD .* weight 0 here"):
         validate_recipe({**base, "distill": {"balance": "value", "task": 0, "logit": 0}})
     for mode in ("grad", "agreement", "pcgrad"):
-        with pytest.raises(ShdError, match=f"distill.balance: {mode} runs in one process only"):
-            balance.check_supported(mode, True)
-    balance.check_supported("value", True)
+        with pytest.raises(ShdError, match=f"distill.balance: {mode} does not run with train.strategy=fsdp"):
+            balance.check_supported(mode, "fsdp")
+        balance.check_supported(mode, "ddp")  # each part's gradient is averaged over ranks by hand
+        balance.check_supported(mode, None)
+    balance.check_supported("value", "fsdp")
 
 
 # --------------------------------------------------------------------------- agreement and PCGrad, two parameters

@@ -28,10 +28,11 @@ def no_dropout_gpt2(tmp_path_factory) -> Path:
     return folder
 
 
-def _recipe(tmp: Path, teacher: Path, text: Path, out: str, batch_size: int, **train) -> Path:
+def _recipe(tmp: Path, teacher: Path, text: Path, out: str, batch_size: int, balance: str = "none", **train) -> Path:
     data = {
         "teacher": str(teacher),
         "student": {"from_teacher": {"layers": 2, "heads": 3}},
+        "distill": {"balance": balance},
         "data": {"path": str(text), "seq_len": 32, "batch_size": batch_size, "val_batches": 2},
         "train": {"max_steps": 4, "eval_every": 4, "device": "cpu", "warmup_steps": 1, "lr": 1e-3, "threads": 1,
                   **train},
@@ -61,8 +62,9 @@ def _single(recipe: Path) -> dict:
 def _assert_same_run(one: dict, two: dict, rtol: float = 1e-4) -> None:
     assert len(one["history"]) == len(two["history"])
     for a, b in zip(one["history"], two["history"]):
-        for key in ("total", "task", "logit", "shd", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=rtol, abs=1e-7), (a["step"], key)
+        for key in ("total", "task", "logit", "shd", "grad_norm", "grad_cos_shd", "shd_coef", "shd_agreement"):
+            if key in a and key in b:  # FSDP runs take no per-part gradients (no grad_cos_shd)
+                assert b[key] == pytest.approx(a[key], rel=rtol, abs=1e-7), (a["step"], key)
     for a, b in zip(one["validation"], two["validation"]):
         for key in ("val_total", "val_task", "val_shd"):
             assert b[key] == pytest.approx(a[key], rel=rtol, abs=1e-7), (a["step"], key)
@@ -78,11 +80,13 @@ def _same_student(dir_a: Path, dir_b: Path) -> None:
         torch.testing.assert_close(b(input_ids=ids).logits, a(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("strategy,accum", [("ddp", 1), ("fsdp", 2)])
-def test_two_gloo_ranks_match_one_process(tmp_path, no_dropout_gpt2, strategy, accum):
+@pytest.mark.parametrize("strategy,accum,balance", [("ddp", 1, "none"), ("fsdp", 2, "none"), ("ddp", 2, "agreement")])
+def test_two_gloo_ranks_match_one_process(tmp_path, no_dropout_gpt2, strategy, accum, balance):
+    # balance=agreement: per-part gradients averaged over ranks by hand, so both ranks cap SHD alike
     text = write_text(tmp_path / "train.txt")
-    one = _single(_recipe(tmp_path, no_dropout_gpt2, text, "one", 4, grad_accum=accum))
-    proc = _torchrun(_recipe(tmp_path, no_dropout_gpt2, text, "two", 2, grad_accum=accum, strategy=strategy))
+    one = _single(_recipe(tmp_path, no_dropout_gpt2, text, "one", 4, balance, grad_accum=accum, grad_norms_every=1))
+    proc = _torchrun(_recipe(tmp_path, no_dropout_gpt2, text, "two", 2, balance, grad_accum=accum, strategy=strategy,
+                             grad_norms_every=1))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["distributed"] == {"world_size": 2, "strategy": strategy}
@@ -98,7 +102,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path, no_dropout_gpt2, strategy, a
         expected = ["checkpoints", *expected]
         steps = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
         assert steps and all(name.startswith("step-") for name in steps), steps
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == expected
+    written = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert set(expected) <= set(written) and set(written) - set(expected) <= {"logs", "plots"}, written
 
 
 def test_rank_slices_concatenate_to_the_global_batch():

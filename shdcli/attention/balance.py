@@ -24,6 +24,7 @@ Per-part gradients come from one torch.autograd.grad per part over the one forwa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -206,7 +207,9 @@ def _add_into(params: list[torch.Tensor], grads: list[torch.Tensor | None], fact
 
 def backward_terms(terms: dict[str, torch.Tensor], params: list[torch.Tensor], n_student: int, mode: str,
                    fraction: float, divide: int, keep: dict[str, list] | None = None,
-                   agreement: Agreement | None = None) -> PartGradients:
+                   agreement: Agreement | None = None,
+                   reduce: Callable[[list[torch.Tensor | None], list[torch.Tensor]], list] | None = None
+                   ) -> PartGradients:
     """Backward each term separately and add their sum / divide into params' .grad.
 
     params: the trainable parameters (student first: the first n_student are what gradient norms
@@ -214,7 +217,9 @@ def backward_terms(terms: dict[str, torch.Tensor], params: list[torch.Tensor], n
     balance mode (adjust_shd_gradient) before it is added. Returns each term's gradient norm as added
     (before the 1/divide), the scale applied to the shd gradient and the cosine and norm ratio of the SHD
     gradient to the rest's. keep (grad accumulation): per-term running sums of the student gradients /
-    divide, for norms over the whole step. Memory: one term's gradient and the rest's sum at a time (plus keep).
+    divide, for norms over the whole step. reduce (DDP): averages each part's gradients over ranks before
+    they are measured or combined, so every rank computes the same cosine and scale. Memory: one term's
+    gradient and the rest's sum at a time (plus keep).
     """
     names = [k for k, v in terms.items() if v.requires_grad]
     out = PartGradients(norms={k: 0.0 for k in terms})
@@ -227,6 +232,8 @@ def backward_terms(terms: dict[str, torch.Tensor], params: list[torch.Tensor], n
 
     for i, name in enumerate(sorted(names, key=lambda k: k == "shd")):  # the rest first, shd last
         grads = list(torch.autograd.grad(terms[name], params, retain_graph=i < len(names) - 1, allow_unused=True))
+        if reduce is not None:
+            grads = reduce(grads, params)
         if name == "shd":
             grads, out.scale, out.cosine = adjust_shd_gradient(mode, grads, rest, n_student, fraction, agreement)
             record(name, grads)
@@ -242,11 +249,13 @@ def backward_terms(terms: dict[str, torch.Tensor], params: list[torch.Tensor], n
     return out
 
 
-def check_supported(mode: str, distributed_enabled: bool) -> None:
-    """The per-part modes assemble .grad by hand, which DDP/FSDP's gradient hooks never see."""
-    if mode in PER_PART and distributed_enabled:
-        raise ShdError(f"distill.balance: {mode} runs in one process only (its per-part gradients bypass the "
-                       "DDP/FSDP gradient sync); under torchrun use distill.balance=value or none")
+def check_supported(mode: str, strategy: str | None) -> None:
+    """The per-part modes assemble .grad by hand: under DDP each part is averaged over ranks
+    (distributed.average_grads); FSDP2's sharded gradients are reduce-scattered by its own hooks, which
+    per-part gradients bypass. strategy: train.strategy under torchrun, None in one process."""
+    if mode in PER_PART and strategy == "fsdp":
+        raise ShdError(f"distill.balance: {mode} does not run with train.strategy=fsdp (its per-part gradients "
+                       "bypass FSDP's gradient reduce-scatter); use train.strategy=ddp, or distill.balance=value")
 
 
 __all__ = ["MODES", "PER_PART", "schedule_factor", "shd_fraction", "value_scale", "weighted_terms", "merge_rest",
