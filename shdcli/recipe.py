@@ -134,7 +134,9 @@ class DistillSpec(Section):
     # shdcli/attention/balance.py: with value|grad, `shd` is the SHD term's fraction of the task + logit term;
     # agreement caps SHD's gradient at the running cos(g_shd, g_task+logit) times the task's; pcgrad projects
     # out the part of SHD's gradient that opposes the task's.
-    balance: Literal["none", "value", "grad", "agreement", "pcgrad"] = "none"
+    # auto (default): agreement where the task regresses the teacher's output (sentence encoders), none where it
+    # learns labels or tokens with logit KD (balance.resolve_mode says why).
+    balance: Literal["auto", "none", "value", "grad", "agreement", "pcgrad"] = "auto"
     shd_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"
     shd_warmup_steps: int = Field(0, ge=0, description="steps over which the SHD weight ramps up from 0")
     shd_decay_steps: int = Field(0, ge=0, description="steps of decay after the warmup; 0 = until train.max_steps")
@@ -154,7 +156,7 @@ class DistillSpec(Section):
 
     @model_validator(mode="after")
     def _balance_needs_a_reference(self) -> DistillSpec:
-        if self.balance != "none" and self.task == 0 and self.logit == 0:
+        if self.balance not in ("none", "auto") and self.task == 0 and self.logit == 0:
             raise ValueError(f"balance={self.balance} scales SHD to a fraction of the task + logit term, which "
                              "has weight 0 here; give distill.task or distill.logit a weight, or set balance=none")
         return self

@@ -116,9 +116,10 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def shd_gradient_section(history: list[dict], distill: dict) -> list[str]:
+def shd_gradient_section(history: list[dict], distill: dict, balance: str) -> list[str]:
     """How SHD's gradient related to the task + logit gradient over the run (the steps that measured it,
-    train.grad_norms_every): mean cosine and norm ratio per third of training, and what balance did."""
+    train.grad_norms_every): mean cosine and norm ratio per third of training, and what balance (the mode the
+    run used, distill.balance auto resolved) did."""
     measured = [h for h in history if "grad_cos_shd" in h]
     if not measured:
         return []
@@ -132,9 +133,9 @@ def shd_gradient_section(history: list[dict], distill: dict) -> list[str]:
     mean_cos = sum(h["grad_cos_shd"] for h in measured) / len(measured)
     out = ["", "## SHD and the task", "",
            f"Cosine between the SHD gradient and the task + logit gradient on the student's parameters, and the "
-           f"norm of the SHD gradient as applied over the task + logit one (balance `{distill['balance']}`).", "",
+           f"norm of the SHD gradient as applied over the task + logit one (balance `{balance}`).", "",
            markdown_table(["training", "steps", "measured", "cos(g_shd, g_task+logit)", "norm ratio"], rows), ""]
-    if distill["balance"] == "agreement" and "shd_coef" in history[-1]:
+    if balance == "agreement" and "shd_coef" in history[-1]:
         out.append(f"balance agreement: running cosine {history[-1].get('shd_agreement', 0.0):.3f} at the end; "
                    f"SHD's weight then {history[-1]['shd_coef']:.3g} (distill.shd {distill['shd']:g}).")
     elif mean_cos < 0.05:
@@ -179,7 +180,10 @@ def render_report(metrics: dict, plots: list[tuple[str, str]] | None = None, plo
             rows.append([f"{name} (ood_*)", "not measured", "not measured", f"not measured ({why})"])
         out += ["", "## Final evaluation", "",
                 markdown_table(["metric", "teacher", "student at init", "student (final)"], rows)]
-    out += shd_gradient_section(metrics.get("history", []), metrics["recipe"]["distill"])
+    used = (metrics.get("balance") or {}).get("mode") or metrics["recipe"]["distill"]["balance"]
+    out += shd_gradient_section(metrics.get("history", []), metrics["recipe"]["distill"], used)
+    if (metrics.get("balance") or {}).get("why"):
+        out += ["", metrics["balance"]["why"] + "."]
     if plots or plot_note:
         out += ["", "## Plots", ""]
         out += [f"![{caption}]({path})\n" for caption, path in plots or []]

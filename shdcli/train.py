@@ -80,6 +80,8 @@ class Setup:
     shd_grad_scale: float | None = None  # balance=grad|agreement: the last scale of the SHD gradient (balance.py)
     # balance=agreement: the running cos(g_shd, g_rest) that caps SHD's gradient (checkpointed with the run)
     agreement: balance.Agreement = field(default_factory=balance.Agreement)
+    balance: str = "none"  # the balance mode this run uses (distill.balance, auto resolved by balance.resolve_mode)
+    balance_note: str | None = None  # why auto chose it, for the plan
     teacher_recorder: capture.AttentionRecorder = field(init=False)
     student_recorder: capture.AttentionRecorder = field(init=False)
 
@@ -217,7 +219,8 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     if device.type == "cpu":  # a resumed run must end bit-identical to an uninterrupted one
         torch.use_deterministic_algorithms(True, warn_only=True)
     amp_dtype = torch.bfloat16 if recipe.train.dtype == "bfloat16" else None
-    balance.check_supported(recipe.distill.balance, recipe.train.strategy if distributed.env_info().enabled else None)
+    strategy = recipe.train.strategy if distributed.env_info().enabled else None
+    balance.check_supported(recipe.distill.balance, strategy)
 
     teacher, tokenizer, task = loaded if loaded is not None else load_teacher(recipe)[:3]
     t_shape = model_shape(teacher.config)
@@ -256,8 +259,12 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     projector = None
     if recipe.distill.target == "projector" and recipe.distill.shd > 0:
         projector = make_projector(plan, model_shape(teacher.config).heads, s_shape.heads).to(device)
-    return Setup(recipe, device, amp_dtype, teacher, student, tokenizer, task, plan, bases, train_blocks, val,
-                 use_logit, projector, derivation)
+    setup = Setup(recipe, device, amp_dtype, teacher, student, tokenizer, task, plan, bases, train_blocks, val,
+                  use_logit, projector, derivation)
+    if recipe.distill.shd > 0:
+        setup.balance, setup.balance_note = balance.resolve_mode(recipe.distill.balance, kind.regresses_teacher,
+                                                                 strategy)
+    return setup
 
 
 def calibration_batches(blocks, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
@@ -353,10 +360,10 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor],
             parts["shd"] = result.loss
             weights = result.weights
     # ---- weighted (balance, schedule)
-    terms = balance.weighted_terms(parts, {"task": d.task, "logit": d.logit}, fraction, d.balance)
+    terms = balance.weighted_terms(parts, {"task": d.task, "logit": d.logit}, fraction, setup.balance)
     shown = dict(terms)
-    if d.balance in ("grad", "agreement") and "shd" in terms:  # its real scale is set in backward: the last one
-        default = fraction if d.balance == "grad" else 1.0
+    if setup.balance in ("grad", "agreement") and "shd" in terms:  # its real scale is set in backward: the last one
+        default = fraction if setup.balance == "grad" else 1.0
         shown["shd"] = terms["shd"] * (default if setup.shd_grad_scale is None else setup.shd_grad_scale)
     if terms_out is not None:
         terms_out.update(terms)
@@ -501,7 +508,7 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
     # all-reduce switched off for the step; FSDP's sharded gradients only come through its hooks: no per-part.
     sharded = distributed.is_sharded(setup.student)
     measure = not sharded and every > 0 and (setup.step + 1) % every == 0
-    per_part = measure or (d.balance in balance.PER_PART and not sharded)
+    per_part = measure or (setup.balance in balance.PER_PART and not sharded)
     params = [p for p in setup.student.parameters() if p.requires_grad]
     n_student = len(params)
     if setup.projector is not None:
@@ -529,10 +536,10 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
                 # one term there (its norm is logged as grad_norm_rest).
                 split = measure and not setup.kind.fuses_heads(d)
                 result = balance.backward_terms(terms if split else balance.merge_rest(terms), params,
-                                                n_student, d.balance, fraction, accum,
+                                                n_student, setup.balance, fraction, accum,
                                                 part_grads if accum > 1 and measure else None, setup.agreement,
                                                 distributed.average_grads if distributed.env_info().enabled else None)
-                if d.balance in ("grad", "agreement") and "shd" in terms:  # the total with the scale applied
+                if setup.balance in ("grad", "agreement") and "shd" in terms:  # the total with the scale applied
                     setup.shd_grad_scale = result.scale
                     shd_coef *= result.scale
                     value = sum(float(v.detach()) for k, v in terms.items() if k != "shd")
@@ -546,9 +553,9 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
                     part_norms = result.norms
             else:
                 (total / accum).backward()
-            if d.balance != "none" or d.shd_schedule != "constant" or d.shd_warmup_steps:
+            if setup.balance != "none" or d.shd_schedule != "constant" or d.shd_warmup_steps:
                 parts_sum["shd_coef"] = parts_sum.get("shd_coef", 0.0) + shd_coef / accum
-            if d.balance == "agreement" and "shd" in parts:
+            if setup.balance == "agreement" and "shd" in parts:
                 parts_sum["shd_agreement"] = setup.agreement.estimate
         weights.append(w)
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
@@ -638,6 +645,8 @@ def open_run(recipe: Recipe, console: Console, resume: bool, overwrite: bool, di
     if warning:
         console.print(f"[yellow]{warning}[/yellow]")
     console.print(plan_table(setup.plan))
+    if setup.balance_note:
+        console.print(setup.balance_note)
     missing = ood_unavailable(recipe.data.ood_eval)  # optional: the run goes on, the report says why
     if missing:
         console.print(f"[yellow]warning: data.ood_eval will not be measured: {escape(missing)}[/yellow]",
@@ -731,6 +740,7 @@ def write_outputs(run: Run, setup_s: float, t_start: float, dist_info) -> dict:
     final = evaluate_student(setup, state.validation[-1], student_dir)
     metrics = {
         "recipe": recipe.resolved(),
+        "balance": {"mode": setup.balance, "why": setup.balance_note},  # distill.balance as this run used it
         "plan": plan_dict,
         "student_dir": str(student_dir),
         "steps_done": state.step,

@@ -337,3 +337,35 @@ def test_part_norms_cover_the_whole_accumulated_step(tiny_models, tiny_text):
     parts = train_step(setup, stream, opt, make_scheduler(opt, recipe))[0]
     for name, value in expected.items():
         assert parts[f"grad_norm_{name}"] == pytest.approx(value, rel=1e-4)
+
+
+# --------------------------------------------------------------------------- balance auto
+def test_auto_caps_shd_by_agreement_only_where_the_task_regresses_the_teacher():
+    assert balance.resolve_mode("auto", True, None)[0] == "agreement"
+    assert balance.resolve_mode("auto", True, "ddp")[0] == "agreement"
+    mode, why = balance.resolve_mode("auto", True, "fsdp")  # FSDP cannot measure per-part gradients: said so
+    assert mode == "none" and "FSDP" in why
+    assert balance.resolve_mode("auto", False, None) == ("none", None)
+    assert balance.resolve_mode("grad", True, None) == ("grad", None)  # an explicit choice is kept
+
+
+@pytest.mark.parametrize("model,task,mode", [("bert", "encoder", "agreement"), ("llama", "causal-lm", "none")])
+def test_auto_resolves_per_task_in_a_run_and_says_why(tiny_models, tiny_text, tmp_path, model, task, mode):
+    from rich.console import Console
+
+    from shdcli.recipe import validate_recipe
+    from shdcli.train import run_distillation
+
+    data = {"teacher": str(tiny_models[model]), "student": {"from_teacher": {"layers": 2, "heads": 3}},
+            "data": {"path": str(tiny_text), "seq_len": 32, "batch_size": 4, "val_batches": 1},
+            "train": {"max_steps": 2, "eval_every": 2, "device": "cpu"}, "output_dir": str(tmp_path / "run")}
+    console = Console(record=True, width=200)
+    metrics = run_distillation(validate_recipe(data), console)
+    assert metrics["recipe"]["task"] in ("auto", task) and metrics["recipe"]["distill"]["balance"] == "auto"
+    assert metrics["balance"]["mode"] == mode
+    printed = console.export_text()
+    if mode == "agreement":
+        assert "distill.balance auto -> agreement" in printed
+        assert all("shd_agreement" in h for h in metrics["history"])  # measured and capped every step
+    else:
+        assert metrics["balance"]["why"] is None and not any("shd_agreement" in h for h in metrics["history"])

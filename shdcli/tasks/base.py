@@ -74,6 +74,9 @@ class Task(Protocol):
     packed: bool  # text rows are packed blocks (causal LM) rather than one document per row
     ddp_find_unused: bool  # the model has parameters its loss never reads (an encoder's pooler)
     text: bool  # `shd eval`'s text metrics (perplexity / embeddings, attention, speed) apply
+    # The task loss regresses the teacher's own output (an embedding), not labels or tokens: distill.balance auto
+    # then caps SHD by its agreement with the task (attention/balance.resolve_mode).
+    regresses_teacher: bool
 
     def matches(self, config) -> bool:
         """Whether an HF config (architectures, model_type) is this kind of model."""

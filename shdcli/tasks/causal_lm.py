@@ -32,6 +32,7 @@ class CausalLM(TextTask):
     packed = True
     ddp_find_unused = False
     text = True
+    regresses_teacher = False  # next-token cross entropy + token KD
 
     def matches(self, config) -> bool:
         archs = getattr(config, "architectures", None) or []

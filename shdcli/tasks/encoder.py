@@ -29,6 +29,7 @@ class Encoder(TextTask):
     packed = False
     ddp_find_unused = True  # a BertModel's pooler: the embedding loss never reads it
     text = True
+    regresses_teacher = True  # the task loss matches the teacher's sentence embedding
 
     def matches(self, config) -> bool:
         # The fallback for bare backbones (BertModel, MiniLM, sentence-transformers folders): a config that

@@ -466,6 +466,7 @@ class ImageClassification:
     packed = False
     ddp_find_unused = True
     text = False  # scored by evaluate_classifier (top-1/top-5, confusion matrix), not the text metrics
+    regresses_teacher = False  # labels + class-logit KD
 
     def matches(self, config) -> bool:
         return any(a.endswith(CLASSIFIER_SUFFIXES) for a in getattr(config, "architectures", None) or [])

@@ -320,6 +320,7 @@ class SequenceClassification(TextTask):
     packed = False
     ddp_find_unused = True  # e.g. a BERT classifier's token_type embeddings rows a batch never reads
     text = True
+    regresses_teacher = False  # labels + class-logit KD
 
     def __init__(self) -> None:
         self._teacher_memo: dict[tuple, torch.Tensor] = {}  # the teacher's held-out logits (init and final eval)
