@@ -27,7 +27,7 @@ from shdcli.tasks.text_classification import (
     split_rows,
 )
 from tests.conftest import run_main
-from tests.tiny import make_tokenizer
+from tests.tiny import FAMILY_KINDS, family_model, make_tokenizer
 
 LABELS = ["calm", "storm"]
 CALM = "sun warm quiet garden river morning gentle light".split()
@@ -315,3 +315,28 @@ def test_metrics_on_known_cases():
     uniform = torch.zeros(10, 2)  # confidence 0.5, right half the time: calibrated
     assert expected_calibration_error(uniform, torch.tensor([0, 1] * 5)) == pytest.approx(0.0)
     assert math.isclose(macro_f1(torch.tensor([0, 0]), torch.tensor([0, 1]), 2), (2 / 3 + 0) / 2)
+
+
+@pytest.mark.parametrize("name", [n for n, k in FAMILY_KINDS.items() if k != "image" and n != "gemma3_text"])
+def test_every_family_classifier_derives_a_classifier_student(name):
+    """Each text family of the table (README "Text classification" lists them): a *ForSequenceClassification
+    teacher is detected and derives a student of the same class that classifies (Gemma-3 text: its classifier
+    class wraps the multimodal config, not covered)."""
+    import transformers as tf
+
+    from shdcli.recipe import validate_recipe
+    from shdcli.train import make_student
+
+    base = family_model(name)
+    stem = type(base).__name__.replace("ForCausalLM", "").replace("LMHeadModel", "").replace("Model", "")
+    cls = getattr(tf, f"{stem}ForSequenceClassification")
+    config = base.config
+    config.num_labels, config.pad_token_id, config.architectures = 3, 0, [cls.__name__]
+    teacher = cls(config).eval()
+    assert task_of(teacher.config) == "sequence-classification"
+    recipe = validate_recipe({"teacher": "x", "data": {"path": "x"},
+                              "student": {"from_teacher": {"heads": 2, "layers": 1, "prune": "uniform"}}})
+    student, _, _ = make_student(recipe, teacher, None, "sequence-classification")
+    ids = torch.randint(4, 300, (2, 7))
+    assert type(student) is cls
+    assert student(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (2, 3)
