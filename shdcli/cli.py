@@ -162,14 +162,18 @@ def eval_(
                                  "image classifiers: images (default: the run's data, held-out split).")
     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON instead of a table.")] = False,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence (encoders, attention, "
-                                         "latency); perplexity window for causal LMs.")] = 128,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence (encoders, attention, "
+                                                "latency); perplexity window for causal LMs (default: the "
+                                                "run's data.seq_len, else 128).")] = None,
     stride: Annotated[int | None, typer.Option(help="Perplexity window stride (default: half the window).")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Held-out tokens scored: perplexity; text "
                                                   "classifiers: held-out rows until they hold this many tokens "
                                                   "(default: the run's data.eval_tokens, else 4096).")] = None,
-    samples: Annotated[int, typer.Option(help="Held-out sequences for embedding and attention metrics.")] = 64,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 8,
+    samples: Annotated[int | None, typer.Option(help="Held-out sequences for embedding and attention metrics "
+                                                "(default: the run's batch_size x val_batches, else 64).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Sequences per forward pass; encoders "
+                                                   "compare similarities within a batch (default: the run's "
+                                                   "data.batch_size, else 8).")] = None,
     similarity: Annotated[
         Path | None, typer.Option(help="Sentence-similarity TSV (sentence1<TAB>sentence2<TAB>score) for Spearman.")
     ] = None,
@@ -185,7 +189,7 @@ def eval_(
     _threads(threads)
     names = [student[0], *(compare or []), *student[1:]]
     # Image classifiers: top-1/top-5, confusion PNG, size, latency (tasks/image.py); None for text models.
-    result = evaluate.eval_command(names, teacher, data, out, batch_size, split)
+    result = evaluate.eval_command(names, teacher, data, out, batch_size or 64, split)
     is_image = result is not None
     if not is_image:
         options = evaluate.EvalOptions(seq_len=seq_len, stride=stride, max_tokens=max_tokens, samples=samples,

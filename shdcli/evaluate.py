@@ -284,14 +284,33 @@ def _load(spec: str, field_name: str, task: str | None = None) -> EvalModel:
     return EvalModel(spec, model, tokenizer, task, folder)
 
 
-def run_eval(names: list[str], teacher_spec: str | None, data: str | None, options: EvalOptions,
-             log: Callable[[str], None] = lambda _: None) -> dict:
-    """`shd eval`: load the students (and teacher), pick held-out text, evaluate; returns the JSON dict."""
-    if options.seq_len < 2 or options.batch_size < 1 or options.samples < 1 or (options.max_tokens or 2) < 2:
-        raise ShdError("--seq-len >= 2, --batch-size >= 1, --samples >= 1 and --max-tokens >= 2 are required")
-    if options.stride is not None and not 1 <= options.stride < options.seq_len:
+def run_defaults(options: EvalOptions, run_data: dict) -> EvalOptions:
+    """Fill the options left None with what the run's final evaluation used (final_evaluation), else the
+    stand-alone defaults (128 tokens, batch 8, 64 samples, 4096 tokens)."""
+    batch = options.batch_size or run_data.get("batch_size", 8)
+    samples = options.samples or (run_data["batch_size"] * run_data.get("val_batches", 8) if run_data.get("batch_size")
+                                  else 64)
+    return replace(options, seq_len=options.seq_len or run_data.get("seq_len", 128), batch_size=batch,
+                   samples=samples, max_tokens=options.max_tokens or run_data.get("eval_tokens", 4096))
+
+
+def _check_options(options: EvalOptions) -> None:
+    for name, value, low in (("--seq-len", options.seq_len, 2), ("--batch-size", options.batch_size, 1),
+                             ("--samples", options.samples, 1), ("--max-tokens", options.max_tokens, 2)):
+        if value is not None and value < low:
+            raise ShdError(f"{name}: {value} is too small; give at least {low}")
+    if options.stride is not None and options.seq_len is not None and not 1 <= options.stride < options.seq_len:
         raise ShdError(f"--stride: {options.stride} must be between 1 and --seq-len - 1 ({options.seq_len - 1}): "
                        "windows must overlap so every token is scored with some context")
+
+
+def run_eval(names: list[str], teacher_spec: str | None, data: str | None, options: EvalOptions,
+             log: Callable[[str], None] = lambda _: None) -> dict:
+    """`shd eval`: load the students (and teacher), pick held-out text, evaluate; returns the JSON dict.
+    Options left None take the run's own values (data.seq_len, data.batch_size, batch_size x val_batches
+    samples, data.eval_tokens), so `shd eval STUDENT` scores the rows the run's final evaluation scored,
+    grouped the same way: one number for one student."""
+    _check_options(options)
     notes = []
     students, infos = [], []
     for name in names:
@@ -315,8 +334,8 @@ def run_eval(names: list[str], teacher_spec: str | None, data: str | None, optio
                 m.plan_source = str(info.plan_file)
     run_data = first.recipe.get("data", {})
     kind, config = get_task(students[0].task), students[0].model.config
-    if options.max_tokens is None:  # what the run's own evaluation scored
-        options = replace(options, max_tokens=run_data.get("eval_tokens", 4096))
+    options = run_defaults(options, run_data)
+    _check_options(options)
     if options.out_dir is None:  # plots (a classifier's confusion matrices) go next to the student
         base = Path.cwd() / students[0].folder.name if names[0].startswith("pkg://") else students[0].folder
         options = replace(options, out_dir=str(base.parent / f"{base.name}_eval"))

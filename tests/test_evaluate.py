@@ -269,3 +269,24 @@ def test_distill_final_eval_and_eval_of_its_student(tiny_models, tiny_text, tmp_
     # Same held-out text, model and plan as the run's final evaluation: the same numbers.
     assert s["perplexity"] == pytest.approx(final["perplexity"], rel=1e-4)
     assert s["shd_kl"] == pytest.approx(final["shd_kl"], rel=1e-4)
+
+
+def test_shd_eval_repeats_the_final_evaluation_of_a_run(tiny_models, tiny_text, tmp_path):
+    """One number for one student: `shd eval STUDENT` with no options scores the run's validation rows the
+    way the run's final evaluation did, so the two figures agree."""
+    from rich.console import Console
+
+    from shdcli.evaluate import EvalOptions, run_eval
+    from shdcli.recipe import validate_recipe
+    from shdcli.train import run_distillation
+
+    data = {"teacher": str(tiny_models["bert"]), "student": {"from_teacher": {"layers": 2, "heads": 3}},
+            "data": {"path": str(tiny_text), "seq_len": 24, "batch_size": 3, "val_batches": 2},
+            "train": {"max_steps": 2, "eval_every": 2, "device": "cpu"}, "output_dir": str(tmp_path / "run")}
+    final = run_distillation(validate_recipe(data), Console(quiet=True))["final_eval"]
+    result = run_eval([str(tmp_path / "run" / "student")], None, None,
+                      EvalOptions(seq_len=None, samples=None, batch_size=None, max_tokens=None, speed=False))
+    student = result["students"][0]
+    for key in ("similarity_pearson", "similarity_spearman"):
+        assert student[key] == pytest.approx(final[key], abs=1e-6), key
+    assert result["data"]["sequences"] == 6 and result["data"]["seq_len"] == 24  # batch_size x val_batches rows

@@ -20,8 +20,9 @@ from shdcli.errors import ShdError
 from shdcli.tasks.base import ENCODER, Batch, Forwards, QualityInputs
 from shdcli.tasks.data import TextTask, same_tokens
 
-NO_SIMILARITY_NOTE = ("no sentence-similarity set ships offline (see offline_assets.md), so no Spearman "
-                      "against human scores; pass --similarity FILE.tsv (sentence1<TAB>sentence2<TAB>score)")
+NO_SIMILARITY_NOTE = ("no sentence-similarity set with human scores ships offline (README, 'See the heads, measure "
+                      "the student'), so no Spearman against them; pass --similarity FILE.tsv "
+                      "(sentence1<TAB>sentence2<TAB>score)")
 
 
 class Encoder(TextTask):
