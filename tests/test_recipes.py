@@ -101,6 +101,7 @@ def test_students_benchmark_matches_the_default_recipes():
         ft = recipe.student.from_teacher
         assert {k: getattr(ft, k) for k in shapes["combined"]} == shapes["combined"]
         assert ft.prune == "importance" and recipe.data.ood_eval == base["data"]["ood_eval"]
+        assert recipe.data.path == base["data"]["path"]
         for key in ("max_steps", "lr", "warmup_steps"):
             assert getattr(recipe.train, key) == base["train"][key], key
         for key in ("batch_size", "seq_len"):
