@@ -18,8 +18,8 @@ from shdcli.attention import capture
 from shdcli.errors import ShdError
 from shdcli.models import families as models
 from shdcli.students import derive as student_lib
+from shdcli.tasks import classify, registry
 from shdcli.tasks import image as vision
-from shdcli.tasks import registry
 from shdcli.tasks.base import IMAGE_CLASSIFICATION
 from shdcli.tasks.data import BatchStream
 from tests.conftest import run_cli
@@ -249,13 +249,13 @@ def test_capture_counts_layers_without_layer_idx(kind):
 def test_classification_losses_match_reference():
     torch.manual_seed(0)
     s, t, y = torch.randn(5, 4), torch.randn(5, 4), torch.tensor([0, 3, 1, 2, 3])
-    parts = vision.classification_losses(s, t, y, use_logit=True, temperature=2.0)
+    parts = classify.classification_losses(s, t, y, use_logit=True, temperature=2.0)
     torch.testing.assert_close(parts["task"], F.cross_entropy(s, y))
     p_t, p_s = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)
     ref = 4.0 * (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
     torch.testing.assert_close(parts["logit"], ref)
-    assert float(vision.classification_losses(t, t, y, True, 2.0)["logit"]) == pytest.approx(0.0, abs=1e-6)
-    assert "logit" not in vision.classification_losses(s, t, y, use_logit=False, temperature=2.0)
+    assert float(classify.classification_losses(t, t, y, True, 2.0)["logit"]) == pytest.approx(0.0, abs=1e-6)
+    assert "logit" not in classify.classification_losses(s, t, y, use_logit=False, temperature=2.0)
 
 
 def test_topk_and_confusion():

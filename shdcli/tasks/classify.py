@@ -38,6 +38,26 @@ def classification_losses(student_logits: torch.Tensor, teacher_logits: torch.Te
     return parts
 
 
+def classifier_logit_kd(distill, teacher: torch.nn.Module, student: torch.nn.Module) -> bool:
+    """Whether logit KD applies to two classifiers (distill.logit > 0), and a clear error when their class
+    counts differ (their logits cannot be compared)."""
+    if distill.logit <= 0:
+        return False
+    if student.config.num_labels != teacher.config.num_labels:
+        raise ShdError(f"distill.logit: teacher has {teacher.config.num_labels} classes, student "
+                       f"{student.config.num_labels}; give a student with the teacher's classes or set "
+                       "distill.logit=0")
+    return True
+
+
+def classifier_losses(f) -> dict[str, torch.Tensor]:
+    """Task.losses of a classifier (f: tasks.base.Forwards): cross entropy on the labels and, with use_logit,
+    logit KD on the class logits with distill.logit_loss at distill.logit_temperature."""
+    d = f.distill
+    return classification_losses(f.student_out.logits, f.teacher_out.logits, f.batch["labels"], f.use_logit,
+                                 d.logit_temperature, kind=d.logit_loss, beta=d.jsd_beta)
+
+
 def class_kl(reference: torch.Tensor, output: torch.Tensor) -> float:
     """Mean KL(softmax(reference) || softmax(output)) over rows of class logits [B, C] (the depth search's distance)."""
     ones = torch.ones(reference.shape[0], 1, dtype=torch.long, device=reference.device)

@@ -39,7 +39,8 @@ from shdcli.report import write_json_atomic
 from shdcli.tasks.base import IMAGE_CLASSIFICATION, Batch, Forwards, HeldOut, QualityInputs, model_inputs
 from shdcli.tasks.classify import (
     class_kl,
-    classification_losses,
+    classifier_logit_kd,
+    classifier_losses,
     confusion_matrix,
     plot_confusion,
     topk_accuracy,
@@ -489,20 +490,13 @@ class ImageClassification:
         return None  # no padding: every row (CLS included) counts
 
     def uses_logit_kd(self, distill, teacher: nn.Module, student: nn.Module) -> bool:
-        if distill.logit <= 0:
-            return False
-        if student.config.num_labels != teacher.config.num_labels:
-            raise ShdError(f"distill.logit: teacher has {teacher.config.num_labels} classes, student "
-                           f"{student.config.num_labels}; give a student with the teacher's classes or set "
-                           "distill.logit=0")
-        return True
+        return classifier_logit_kd(distill, teacher, student)
 
     def fuses_heads(self, distill) -> bool:
         return False
 
     def losses(self, f: Forwards) -> dict[str, torch.Tensor]:
-        return classification_losses(f.student_out.logits, f.teacher_out.logits, f.batch["labels"], f.use_logit,
-                                     f.distill.logit_temperature)
+        return classifier_losses(f)
 
     def batch_weight(self, batch: Batch) -> float:
         return float(len(batch["labels"]))
