@@ -1,3 +1,23 @@
-from shdcli.cli import main
+"""`python -m shdcli` and the `shd` script.
 
-main()
+Importing the CLI loads torch and transformers, which takes seconds: a Ctrl-C then has nothing to save, and
+without this handler it would end in a KeyboardInterrupt traceback. cli.main() handles every later one.
+"""
+
+import signal
+import sys
+from types import FrameType
+
+
+def _stopped_while_starting(signum: int, frame: FrameType | None) -> None:
+    sys.stderr.write("stopped by SIGINT while starting; nothing was written; run the command again\n")
+    sys.exit(130)
+
+
+signal.signal(signal.SIGINT, _stopped_while_starting)
+from shdcli.cli import main  # noqa: E402
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+if __name__ == "__main__":
+    main()

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from shdcli.errors import ShdError
+from shdcli.errors import ShdError, article
 from shdcli.recipe import Recipe
-from shdcli.report import fsync_dir, fsync_tree, make_readable, write_json_atomic
+from shdcli.report import fsync_dir, fsync_tree, make_readable, probe_writable, write_failure, write_json_atomic
 
 FORMAT = 1
 CHECKPOINTS = "checkpoints"
@@ -64,7 +64,7 @@ def encode(obj: Any, tensors: dict[str, torch.Tensor], memo: dict[int, str] | No
         return {"__items__": [[encode(k, tensors, memo), encode(v, tensors, memo)] for k, v in obj.items()]}
     if obj is None or isinstance(obj, bool | int | float | str):
         return obj
-    raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
+    raise TypeError(f"cannot checkpoint {article(type(obj).__name__)} {type(obj).__name__}")
 
 
 def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -243,7 +243,8 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def check_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
-    """Decide, before anything is loaded, whether this run may use output_dir; read-only.
+    """Decide, before anything is loaded, whether this run may use output_dir. It changes nothing there
+    (a probe file is created and removed at once, to find an unwritable folder before the slow setup).
 
     Returns the checkpoint to resume from (None: start at step 0).
     """
@@ -253,10 +254,17 @@ def check_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path | No
     if out_dir.exists() and not out_dir.is_dir():
         raise ShdError(f"output_dir: {out_dir} is a file; set output_dir to a folder")
     try:
-        if not out_dir.exists() or not any(out_dir.iterdir()) or overwrite:
-            return None
+        empty = not out_dir.exists() or not any(out_dir.iterdir())
     except OSError as exc:
         raise ShdError(f"output_dir: cannot read {out_dir} ({exc.strerror}); choose a folder you can write") from None
+    code = probe_writable(out_dir)
+    if code is not None:
+        raise ShdError(write_failure("output_dir", out_dir, code))
+    if resume and empty:  # a typo in output_dir must not cost a whole fresh run
+        raise ShdError(f"--resume: output_dir {out_dir} holds no run to resume (no {RUN_INFO}, no checkpoint); "
+                       "check output_dir, or leave out --resume to start a new run")
+    if empty or overwrite:
+        return None
     info = read_run_info(out_dir)
     if info is None:
         raise ShdError(
@@ -306,6 +314,20 @@ def claim_output_dir(recipe: Recipe, overwrite: bool) -> None:
     write_json_atomic(out_dir / RUN_INFO, {"fingerprint": recipe.fingerprint(), "recipe": _fingerprinted(recipe)})
 
 
+# What the output phase writes (train.write_outputs); a run stopped in it removes them, keeping its checkpoints.
+OUTPUT_FILES = ("student", "metrics.json", "report.md", "plots")
+
+
+def remove_outputs(out_dir: Path) -> None:
+    """Remove the outputs of an unfinished output phase, folders first renamed out of sight."""
+    for name in OUTPUT_FILES:
+        entry = out_dir / name
+        if entry.is_dir():
+            _remove(entry)
+        elif entry.exists():
+            entry.unlink()
+
+
 def _fingerprinted(recipe: Recipe) -> dict:
     """The resolved recipe as the fingerprint sees it (for telling the user what changed)."""
     data = recipe.resolved()
@@ -321,6 +343,20 @@ class Interrupted(Exception):
         self.signum, self.step, self.folder = signum, step, folder
         self.exit_code = 128 + signum
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved to {folder}")
+
+
+def left_after_interrupt(recipe: Recipe) -> tuple[str, bool]:
+    """What an interrupted `shd distill` of recipe left in output_dir (a sentence) and whether --resume goes on
+    from it. Read from the disk, not from the phase that was interrupted: checkpoints and the other outputs
+    are written atomically, so what is there is whole."""
+    out_dir = Path(recipe.output_dir)
+    info = read_run_info(out_dir) or {}
+    if info.get("fingerprint") != recipe.fingerprint():
+        return "nothing was saved", False
+    found = latest(checkpoint_root(recipe))
+    if found is not None:
+        return f"checkpoint saved to {found}", True
+    return f"{out_dir} holds this run's settings but no checkpoint yet (it restarts at step 0)", True
 
 
 class StopOnSignal:

@@ -20,10 +20,10 @@ from rich.markup import escape  # noqa: E402
 
 from shdcli import compare as comparing  # noqa: E402
 from shdcli import demo, distributed, evaluate, export, heads  # noqa: E402
-from shdcli.checkpoint import Interrupted  # noqa: E402
+from shdcli.checkpoint import Interrupted, left_after_interrupt  # noqa: E402
 from shdcli.errors import ShdError  # noqa: E402
 from shdcli.recipe import load_recipe  # noqa: E402
-from shdcli.report import write_json_atomic  # noqa: E402
+from shdcli.report import destination, probe_writable, write_failure, write_json_atomic  # noqa: E402
 from shdcli.tasks import image  # noqa: E402
 from shdcli.train import run_distillation  # noqa: E402
 
@@ -74,14 +74,24 @@ def distill(
     if allow_pickle:
         spec.teacher.allow_pickle = spec.student.allow_pickle = True
     console.quiet = not distributed.env_info().is_main  # under torchrun only rank 0 talks
+    command = ["shd", "distill", shlex.quote(str(recipe)), *(f"--set {shlex.quote(s)}" for s in set_ or []),
+               *(["--allow-pickle"] if allow_pickle else [])]
     try:
         metrics = run_distillation(spec, console, resume=resume, overwrite=overwrite)
     except Interrupted as stop:
         distributed.shutdown(clean=False)
-        again = " ".join(["shd", "distill", shlex.quote(str(recipe)), *(f"--set {shlex.quote(s)}" for s in set_ or []),
-                          *(["--allow-pickle"] if allow_pickle else []), "--resume"])
-        err_console.print(escape(f"{stop}; continue with: {again}"), highlight=False, soft_wrap=True)
+        err_console.print(escape(f"{stop}; continue with: {' '.join([*command, '--resume'])}"), highlight=False,
+                          soft_wrap=True)
         sys.exit(stop.exit_code)
+    except KeyboardInterrupt:
+        # Ctrl-C outside the loop's handler (setup, step-0 or final evaluation) or a second one inside it.
+        distributed.shutdown(clean=False)
+        left, resumable = left_after_interrupt(spec)
+        again = [*command, "--resume"] if resumable else [*command, *(["--overwrite"] if overwrite else [])]
+        if distributed.env_info().is_main:
+            err_console.print(escape(f"stopped by SIGINT; {left}; {'continue' if resumable else 'start again'} "
+                                     f"with: {' '.join(again)}"), highlight=False, soft_wrap=True)
+        sys.exit(130)
     except BaseException:
         distributed.shutdown(clean=False)  # no final barrier: the other ranks may never reach it
         raise
@@ -126,13 +136,15 @@ def inspect_heads(
     if batch_size < 1 or seq_len < 2:
         raise ShdError("--batch-size must be >= 1 and --seq-len >= 2")
     layers = _int_list(plot_layers, "--plot-layers")
+    _check_out(out)
     _threads(threads)
     report = heads.run_inspect(model, data, samples, seq_len, batch_size, heads_to, tolerance, grouping, sample,
                                _device(device))
     note = None
     files: list[Path] = []
     if out is not None:
-        files, note = heads.write_outputs(report, out, layers)
+        with destination("--out", out):
+            files, note = heads.write_outputs(report, out, layers)
     if json_:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")  # plain: rich could wrap it
     else:
@@ -186,6 +198,7 @@ def eval_(
 ) -> None:
     """Measure students: quality, attention fidelity to the teacher, size and CPU speed (image classifiers:
     top-1/top-5 accuracy, confusion matrix PNG, size, latency)."""
+    _check_out(out)
     _threads(threads)
     names = [student[0], *(compare or []), *student[1:]]
     # Image classifiers: top-1/top-5, confusion PNG, size, latency (tasks/image.py); None for text models.
@@ -198,7 +211,8 @@ def eval_(
                                        out_dir=str(out.parent) if out is not None else None)
         result = evaluate.run_eval(names, teacher, data, options, log=err_console.print)
     if out is not None:
-        write_json_atomic(out, result)
+        with destination("--out", out):
+            write_json_atomic(out, result)
     if json_:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
@@ -237,6 +251,7 @@ def export_(
                                              "folder) or folder for safetensors.")] = None,
 ) -> None:
     """Write the student for another runtime: one GGUF file for llama.cpp, or the HF safetensors folder."""
+    _check_out(out)
     result = export.export(student, format_, dtype, out)
     if isinstance(result, Path):
         console.print(f"safetensors HF folder: {result}")
@@ -315,6 +330,15 @@ def _int_list(text: str | None, field: str) -> list[int] | None:
         raise ShdError(f"{field}: {text!r} is not a comma-separated list of layer numbers, e.g. 0,5") from None
 
 
+def _check_out(out: Path | None) -> None:
+    """--out must be writable before any model is loaded (a folder, a file or one to be made in its parent)."""
+    if out is None:
+        return
+    code = probe_writable(out if out.is_dir() else out.parent)
+    if code is not None:
+        raise ShdError(write_failure("--out", out, code))
+
+
 def _threads(n: int) -> None:
     # Many small tensor ops: on a busy machine fewer threads can be much faster than the default.
     if n < 0:
@@ -337,7 +361,7 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     debug = "--debug" in sys.argv
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except ShdError as exc:
         if debug:
             raise
@@ -345,8 +369,7 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/bold red] {escape(one_line)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
+        _interrupted()
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors and the like
@@ -354,7 +377,7 @@ def main() -> None:
             exc.show()
             sys.exit(2)
         if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
+            _interrupted()
         if debug:
             raise
         one_line = " ".join(str(exc).split("\n"))
@@ -363,6 +386,19 @@ def main() -> None:
             highlight=False, soft_wrap=True,
         )
         sys.exit(1)
+    # Under standalone_mode=False typer turns a KeyboardInterrupt in a command into a *returned* 130 (and an
+    # explicit typer.Exit into its code): dropping it would make an interrupted command exit 0.
+    if code == 130:
+        _interrupted()
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _interrupted() -> None:
+    """Exit 130 with one line. Every output is written atomically (a temporary name, then a rename), so an
+    interrupted command leaves no half-written file; `shd distill` says what it saved in its own handler."""
+    err_console.print("stopped by SIGINT; no file was left half-written; run the command again", highlight=False)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

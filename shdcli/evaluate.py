@@ -28,7 +28,7 @@ from shdcli.attention import capture
 from shdcli.attention.fused_logits import forward_in_row_chunks
 from shdcli.attention.losses import shd_loss
 from shdcli.distributed import unwrap
-from shdcli.errors import ShdError
+from shdcli.errors import ShdError, article
 from shdcli.models.families import ModelShape, enable_capture, model_shape
 from shdcli.models.mapping import Plan, feature_bases, make_plan
 from shdcli.models.sources import count_parameters, resolve_source, run_info
@@ -186,7 +186,8 @@ def evaluate_models(students: list[EvalModel], teacher: EvalModel | None, heldou
     for m in everyone:
         m.model.eval().to(device)
         if m.task != task:
-            raise ShdError(f"{m.name}: a {m.task} model cannot be compared with a {task} model")
+            raise ShdError(f"{m.name}: {article(m.task)} {m.task} model cannot be compared with {article(task)} {task} "
+                              "model")
     limits = [model_shape(m.model.config).max_positions for m in everyone]
     max_pos = min([p for p in limits if p] or [options.seq_len])
     if options.seq_len > max_pos:

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 import yaml
 
-from shdcli.errors import ShdError
+from shdcli.errors import ShdError, article
 from shdcli.models.families import gguf_families
 from shdcli.models.sources import TOKENIZER_FILES, source_path
-from shdcli.report import fsync_dir, make_readable, write_folder_atomic
+from shdcli.report import destination, fsync_dir, make_readable, write_folder_atomic
 from shdcli.tasks.base import CAUSAL_LM
 from shdcli.tasks.registry import task_of
 
@@ -86,7 +86,8 @@ def copy_folder(student_dir: Path, out: Path | None) -> Path:
     """The HF folder is already the safetensors export; with --out, an atomic copy of it."""
     if out is None or Path(out).resolve() == student_dir.resolve():
         return student_dir
-    write_folder_atomic(Path(out), lambda tmp: shutil.copytree(student_dir, tmp, dirs_exist_ok=True))
+    with destination("--out", Path(out)):  # a full or read-only disk: one line, no partial copy left
+        write_folder_atomic(Path(out), lambda tmp: shutil.copytree(student_dir, tmp, dirs_exist_ok=True))
     return Path(out)
 
 
@@ -101,7 +102,8 @@ def export_gguf(student_dir: Path, out: Path, dtype: str) -> ExportResult:
             f"{', '.join(sorted(FAMILIES))} (other families: --format safetensors)"
         )
     if task_of(SimpleNamespace(architectures=config.get("architectures"), model_type=model_type)) != CAUSAL_LM:
-        raise ShdError(f"{student_dir}: a {config.get('architectures')} model is not a causal LM; GGUF export "
+        names = ", ".join(config.get("architectures") or [model_type])
+        raise ShdError(f"{student_dir}: {article(names)} {names} model is not a causal LM; GGUF export "
                        "needs a ...ForCausalLM student (use --format safetensors)")
     arch_name, permute_qk, norm_plus_one = FAMILIES[model_type]
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
@@ -109,8 +111,9 @@ def export_gguf(student_dir: Path, out: Path, dtype: str) -> ExportResult:
     shape = _layer_shapes(config, state)
     notes: list[str] = []
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")  # same filesystem: rename
+    with destination("--out", out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")  # same filesystem: rename
     os.close(tmp_fd)
     tmp = Path(tmp_name)
     writer = gguf.GGUFWriter(str(tmp), arch_name)
@@ -118,15 +121,16 @@ def export_gguf(student_dir: Path, out: Path, dtype: str) -> ExportResult:
         _write_metadata(writer, gguf, config, shape, student_dir, dtype, notes)
         tokenizer_source = _write_tokenizer(writer, gguf, student_dir, config, notes)
         counts = _write_tensors(writer, gguf, arch, config, state, shape, dtype, permute_qk, norm_plus_one, notes)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        make_readable(tmp)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
+        with destination("--out", out):
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            make_readable(tmp)
+            os.replace(tmp, out)
+            fsync_dir(out.parent)
     finally:
         if writer.fout is not None:  # failed half way: close before removing the partial file
             writer.close()

@@ -666,8 +666,11 @@ def default_plot_layers(report: HeadsReport) -> list[int]:
 def _save(fig, path: Path) -> Path:
     """Save through a temporary name so a crash never leaves half a PNG."""
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shdcli.errors import ShdError
+from shdcli.report import looks_utf16
 
 
 def _clean_path(value: str) -> str:
@@ -249,13 +250,59 @@ def _section_fields(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_error(exc: ValidationError, source: str) -> str:
+# What to write for a section left empty (`teacher: ~`, `teacher:` with nothing after it).
+EMPTY_HINTS = {
+    "teacher": "the teacher's HF folder, .gguf file or pkg://package/path (teacher: path/to/model)",
+    "student": "student.path or student.from_teacher (e.g. student: {from_teacher: {layers: 6}})",
+    "data": "data.path (a .txt/.jsonl file or builtin:pydoc)",
+}
+
+
+def _field_info(loc: tuple):
+    """The pydantic FieldInfo at a location (None where it cannot be followed)."""
+    model: type[BaseModel] = Recipe
+    info = None
+    for part in loc:
+        if not isinstance(part, str) or model is None:
+            return None
+        info = model.model_fields.get(part)
+        if info is None:
+            return None
+        candidates = [info.annotation, *getattr(info.annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return info
+
+
+def _empty_message(loc: tuple, where: str, from_set: bool) -> str:
+    if len(loc) == 1 and loc[0] in EMPTY_HINTS:
+        return f"{where} is empty; give {EMPTY_HINTS[loc[0]]}"
+    info = _field_info(loc)
+    if info is not None and not info.is_required():
+        drop = "leave out this --set" if from_set else "delete the line"
+        return f"{where} is empty; give it a value or {drop} to use the default"
+    return f"{where} is empty; give it a value"
+
+
+def _override_for(loc: tuple, overrides: dict[tuple, str]) -> str | None:
+    """The --set that wrote the field at loc (or a section above it), if one did: errors name it, not the file."""
+    for n in range(len(loc), 0, -1):
+        if tuple(str(p) for p in loc[:n]) in overrides:
+            return overrides[tuple(str(p) for p in loc[:n])]
+    return None
+
+
+def _format_error(exc: ValidationError, source: str, overrides: dict[tuple, str] | None = None) -> str:
     errors = exc.errors()
     # A misspelt key also makes the real key "missing"; the unknown key is the useful report (core-tests fix).
     err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
     where = ".".join(str(p) for p in loc) or "recipe"
     kind = err["type"]
+    setting = _override_for(loc, overrides or {})
+    if setting is not None:
+        source = f"--set {setting!r}"
+    if err.get("input", ...) is None and kind != "missing":
+        return f"{source}: {_empty_message(loc, where, setting is not None)}"
     if kind == "extra_forbidden":
         valid = _section_fields(loc)
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
@@ -281,7 +328,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return [k for k in key.strip().split(".") if k], value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str], origins: dict[tuple, str] | None = None) -> dict:
+    """Write each section.key=value into data; origins, if given, receives key path -> the --set text."""
     for text in overrides:
         keys, value = parse_override(text)
         if not keys:
@@ -296,6 +344,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise ShdError(f"--set {text!r}: {k} is not a section")
             node = node[k]
         node[keys[-1]] = value
+        if origins is not None:
+            origins[tuple(keys)] = text
     return data
 
 
@@ -306,11 +356,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if path.is_dir():
         raise ShdError(f"recipe {path} is a folder; give the path of a recipe YAML file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ShdError(f"recipe {path} is not UTF-8 text; save it as a YAML text file") from exc
+        raw = path.read_bytes()
     except OSError as exc:
         raise ShdError(f"recipe {path}: cannot read it ({exc.strerror}); check the path and its permissions") from None
+    if looks_utf16(raw):
+        raise ShdError(f"recipe {path} is UTF-16 text; save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ShdError(f"recipe {path} is not UTF-8 text; save it as a YAML text file") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -324,15 +378,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = {}
     if not isinstance(data, dict):
         raise ShdError(f"recipe {path}: the top level must be a mapping of sections (teacher, student, data, ...)")
-    data = apply_overrides(data, overrides or [])
-    return validate_recipe(data, str(path), base=path.parent)
+    origins: dict[tuple, str] = {}
+    data = apply_overrides(data, overrides or [], origins)
+    return validate_recipe(data, str(path), base=path.parent, origins=origins)
 
 
-def validate_recipe(data: dict, source: str = "recipe", base: Path | None = None) -> Recipe:
+def validate_recipe(data: dict, source: str = "recipe", base: Path | None = None,
+                    origins: dict[tuple, str] | None = None) -> Recipe:
+    """origins: key path -> the --set text that wrote it (an error in such a field names the --set)."""
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise ShdError(_format_error(exc, source)) from None
+        raise ShdError(_format_error(exc, source, origins)) from None
     except (TypeError, ValueError, RecursionError) as exc:  # pragma: no cover - defensive, keys of odd types
         raise ShdError(f"{source}: {exc}") from None
     if base is not None:

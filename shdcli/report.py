@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from shdcli.errors import ShdError
+
+# errno values that mean "the destination cannot take the file": the user frees space or picks another folder.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -90,6 +98,84 @@ def write_folder_atomic(target: Path, fill: Callable[[Path], None]) -> None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_errno(exc: BaseException) -> int | None:
+    """The errno of a failed write, also where a library wrapped the OSError in its own exception
+    (safetensors' SafetensorError says `code: 28`, shutil.copytree's Error lists `[Errno 28] ...`)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno
+    if type(exc).__name__ == "SafetensorError" or isinstance(exc, shutil.Error):
+        found = re.search(r"code: (\d+)|\[Errno (\d+)\]", str(exc))
+        if found:
+            return int(found.group(1) or found.group(2))
+    return None
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space on the filesystem that holds path (its nearest existing folder); None if unknown."""
+    path = Path(path).absolute()
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            with contextlib.suppress(OSError):
+                return shutil.disk_usage(folder).free
+            return None
+    return None
+
+
+def write_failure(field: str, path: Path, code: int, then: str = "") -> str:
+    """One line for a destination that refused a write: the field, the path, why, and the fix."""
+    reason = os.strerror(code).lower()
+    if code in NO_SPACE:
+        free = free_bytes(path)
+        room = f", {free / 2**20:.1f} MiB free there" if free is not None else ""
+        fix = "free space on that disk or choose another folder"
+    else:
+        room, fix = "", "choose a folder you can write"
+    return f"{field}: cannot write {path} ({reason}{room}); {fix}{then}"
+
+
+@contextlib.contextmanager
+def destination(field: str, path: Path, then: str = "") -> Iterator[None]:
+    """Turn a write that fails for lack of space or permission under `path` into one ShdError line naming
+    `field` (output_dir, --out) and the fix; `then` says how to go on (e.g. `, then run again with --resume`).
+    The writers inside are atomic, so nothing half-written is left behind."""
+    try:
+        yield
+    except Exception as exc:
+        code = write_errno(exc)
+        if code is None or isinstance(exc, ShdError):
+            raise
+        raise ShdError(write_failure(field, path, code, then)) from None
+
+
+def probe_writable(folder: Path) -> int | None:
+    """Whether files can be created in folder, or in its nearest existing parent when it does not exist yet
+    (it is created later): None if so, else the errno. Runs before any slow work so that a read-only or
+    foreign folder fails at once, not after the models are loaded."""
+    folder = Path(folder).absolute()
+    target = next((f for f in [folder, *folder.parents] if f.exists()), None)
+    if target is None or not target.is_dir():
+        return errno.ENOTDIR
+    try:
+        fd, name = tempfile.mkstemp(dir=target, prefix=".shd-probe-")
+    except OSError as exc:
+        return exc.errno if exc.errno is not None else errno.EACCES
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+    return None
+
+
+def looks_utf16(raw: bytes) -> bool:
+    """Whether bytes read as text are UTF-16 (Windows editors and PowerShell's `>` write it): a byte-order
+    mark, or mostly-ASCII text with a NUL in every other byte. Said apart from binary data so that the
+    message can say how to convert it."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return True
+    sample = raw[:4096]
+    half = len(sample) // 2
+    return half >= 2 and max(sample[1::2].count(0), sample[0::2].count(0)) >= 0.9 * half
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -8,7 +8,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext, suppress
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from shdcli.models.sources import count_parameters, resolve_source, save_model_f
 from shdcli.models.st_modules import sentence_transformers_files
 from shdcli.progress import ProgressDisplay
 from shdcli.recipe import Recipe
-from shdcli.report import render_report, write_json_atomic, write_text_atomic
+from shdcli.report import destination, render_report, write_json_atomic, write_text_atomic
 from shdcli.students.derive import (
     Derivation,
     build_student,
@@ -596,10 +596,13 @@ class Run:
         where = where or checkpoint.position(self.stream)
         folder = None
         if self.can_checkpoint and self.is_main:
-            folder = checkpoint.save(self.root, self.state.step, self.fingerprint,
-                                     distributed.unwrap(self.setup.student), self.optimizer, self.scheduler, where,
-                                     {**self.state.state_dict(), "agreement": self.setup.agreement.state_dict()},
-                                     self.setup.recipe.train.keep_checkpoints)
+            # A full disk keeps the previous checkpoint (saves are atomic): say so and how to go on.
+            with output_dir_writes(self.setup.recipe):
+                folder = checkpoint.save(self.root, self.state.step, self.fingerprint,
+                                         distributed.unwrap(self.setup.student), self.optimizer, self.scheduler,
+                                         where, {**self.state.state_dict(),
+                                                 "agreement": self.setup.agreement.state_dict()},
+                                         self.setup.recipe.train.keep_checkpoints)
         distributed.barrier()
         return folder
 
@@ -652,7 +655,8 @@ def open_run(recipe: Recipe, console: Console, resume: bool, overwrite: bool, di
         console.print(f"[yellow]warning: data.ood_eval will not be measured: {escape(missing)}[/yellow]",
                       soft_wrap=True)
     if dist_info.is_main:
-        checkpoint.claim_output_dir(recipe, overwrite)
+        with output_dir_writes(recipe):
+            checkpoint.claim_output_dir(recipe, overwrite)
     distributed.barrier()
 
     # Text (TokenBlocks) and images (tasks.image.ImageSet) are both row sets a BatchStream serves.
@@ -672,8 +676,8 @@ def open_run(recipe: Recipe, console: Console, resume: bool, overwrite: bool, di
         console.print(f"resumed from {resume_from} (step {run.state.step} of {recipe.train.max_steps})")
         hooks.on_start(recipe, run.state)
         return run
-    if resume:
-        console.print(f"nothing to resume in {recipe.output_dir}: starting at step 0")
+    if resume:  # claimed by this recipe, stopped before its first checkpoint (check_output_dir refuses others)
+        console.print(f"no checkpoint yet in {recipe.output_dir}: starting at step 0")
     hooks.on_start(recipe, run.state)
     run.state.validation.append({"step": 0, **validate(setup)})
     hooks.on_validation(run.state, run.state.validation[-1])
@@ -721,9 +725,30 @@ def train_loop(run: Run, console: Console, hooks: Callback | None = None) -> Non
                 raise checkpoint.Interrupted(stop.signum, state.step, folder)
 
 
+def output_dir_writes(recipe: Recipe) -> AbstractContextManager[None]:
+    """Writes into output_dir: a full or read-only disk becomes one exit-2 line naming output_dir."""
+    return destination("output_dir", Path(recipe.output_dir),
+                       ", then run again with --resume" if checkpoint.latest(checkpoint.checkpoint_root(recipe))
+                       else ", then run again")
+
+
 def write_outputs(run: Run, setup_s: float, t_start: float, dist_info) -> dict:
     """Output phase: the student folder (with its plan, sentence-transformers files, LoRA adapter), the
-    final evaluation, metrics.json, report.md and the model card."""
+    final evaluation, metrics.json, report.md and the model card.
+
+    Whole outputs or none: if anything stops this phase (Ctrl-C in the final evaluation, a full disk), what it
+    wrote is removed again, so no student/ without its card and metrics stays behind; the final checkpoint
+    is kept and --resume redoes this phase."""
+    try:
+        return _write_outputs(run, setup_s, t_start, dist_info)
+    except BaseException:
+        if dist_info.is_main:
+            with suppress(OSError):  # a read-only disk: the error being raised is the one to report
+                checkpoint.remove_outputs(Path(run.setup.recipe.output_dir))
+        raise
+
+
+def _write_outputs(run: Run, setup_s: float, t_start: float, dist_info) -> dict:
     setup, state, recipe = run.setup, run.state, run.setup.recipe
     out_dir = Path(recipe.output_dir)
     student_dir = out_dir / "student"
@@ -733,10 +758,11 @@ def write_outputs(run: Run, setup_s: float, t_start: float, dist_info) -> dict:
     extra.update(sentence_transformers_files(resolve_source(recipe.teacher.path, "teacher.path"),
                                              distributed.unwrap(setup.student).config)[0])
     to_save = distributed.model_for_saving(setup.student)  # collective under FSDP; None off rank 0
-    if to_save is not None and recipe.student.lora is not None:
-        save_lora_student(to_save, setup.tokenizer, student_dir, extra)  # merged + lora/adapter + lora/base
-    elif to_save is not None:
-        save_model_folder(to_save, setup.tokenizer, student_dir, extra)
+    with output_dir_writes(recipe):
+        if to_save is not None and recipe.student.lora is not None:
+            save_lora_student(to_save, setup.tokenizer, student_dir, extra)  # merged + lora/adapter + lora/base
+        elif to_save is not None:
+            save_model_folder(to_save, setup.tokenizer, student_dir, extra)
     final = evaluate_student(setup, state.validation[-1], student_dir)
     metrics = {
         "recipe": recipe.resolved(),
@@ -763,11 +789,13 @@ def write_outputs(run: Run, setup_s: float, t_start: float, dist_info) -> dict:
                         "strategy": recipe.train.strategy if dist_info.enabled else None},
     }
     if dist_info.is_main:
-        write_json_atomic(out_dir / "metrics.json", metrics)
-        figures = plots.write_run_plots(metrics, out_dir)  # before the report that embeds them
-        write_text_atomic(out_dir / "report.md", render_report(metrics, figures.files, figures.note))
-        if to_save is not None:  # the model card holds the final evaluation, so it comes after it
-            write_text_atomic(student_dir / "README.md", render_card(metrics, setup.task, "modules.json" in extra))
+        with output_dir_writes(recipe):
+            write_json_atomic(out_dir / "metrics.json", metrics)
+            figures = plots.write_run_plots(metrics, out_dir)  # before the report that embeds them
+            write_text_atomic(out_dir / "report.md", render_report(metrics, figures.files, figures.note))
+            if to_save is not None:  # the model card holds the final evaluation, so it comes after it
+                write_text_atomic(student_dir / "README.md",
+                                  render_card(metrics, setup.task, "modules.json" in extra))
     distributed.barrier()
     return metrics
 

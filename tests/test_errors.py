@@ -119,6 +119,21 @@ CASES: dict[str, Callable[[Ctx], tuple[list[str], tuple[str, ...]]]] = {
     "recipe missing": lambda c: (["distill", str(c.tmp / "nope.yaml")], ("nope.yaml does not exist", "recipes/")),
     "recipe is a folder": lambda c: (["distill", str(c.tmp)], ("is a folder", "recipe YAML file")),
     "recipe not UTF-8": lambda c: (["distill", c.file("r.yaml", b"teacher: \xff\xfe\n")], ("not UTF-8",)),
+    "recipe UTF-16": lambda c: (["distill", c.file("r.yaml", yaml.safe_dump(c.recipe()).encode("utf-16"))],
+                                ("is UTF-16 text", "save it as UTF-8")),
+    "teacher empty": lambda c: (["distill", c.write(c.recipe(teacher=None))],
+                                ("teacher is empty", "give the teacher's HF folder")),
+    "student empty": lambda c: (["distill", c.write(c.recipe(student=None))], ("student is empty", "from_teacher")),
+    "bad --set value names the --set": lambda c: (
+        ["distill", c.write(c.recipe()), "--set", "train.max_steps=many"],
+        ("error: --set 'train.max_steps=many': train.max_steps", "valid integer")),
+    "empty --set value": lambda c: (["distill", c.write(c.recipe()), "--set", "train.lr="],
+                                    ("--set 'train.lr='", "valid number")),
+    "--set to null": lambda c: (["distill", c.write(c.recipe()), "--set", "train.lr=~"],
+                                ("--set 'train.lr=~': train.lr is empty", "leave out this --set")),
+    "resume with nothing to resume": lambda c: (["distill", c.write(c.recipe()), "--resume"],
+                                                (f"--resume: output_dir {c.tmp / 'out'} holds no run to resume",
+                                                 "check output_dir")),
     "invalid YAML": lambda c: (["distill", c.write("teacher: [a\nstudent: b\n")], ("invalid YAML at line", "fix")),
     "bad YAML date": lambda c: (["distill", c.write(yaml.safe_dump(c.recipe()) + "when: 2001-13-01\n")],
                                 ("invalid YAML value", "month must be in 1..12", "quote it")),
@@ -219,6 +234,11 @@ CASES: dict[str, Callable[[Ctx], tuple[list[str], tuple[str, ...]]]] = {
                                    ("data.path", "folder", "give a .txt/.jsonl/.parquet file")),
     "data binary": lambda c: (["distill", c.write(c.recipe(data={"path": c.file("d.txt", bytes(range(256)) * 8)}))],
                               ("data.path", "is not a text file")),
+    "data UTF-16": lambda c: (["distill", c.write(c.recipe(data={"path": c.file("d.txt", ("word " * 80 + "\n")
+                                                                               .encode("utf-16"))}))],
+                              ("data.path", "is UTF-16 text", "convert it to UTF-8")),
+    "data UTF-16 without BOM": lambda c: (["distill", c.write(c.recipe(data={"path": c.file(
+        "d.txt", ("word " * 80 + "\n").encode("utf-16-le"))}))], ("data.path", "is UTF-16 text")),
     "data not UTF-8": lambda c: (
         ["distill", c.write(c.recipe(data={"path": c.file("d.txt", ("caf\xe9 au lait\n" * 50).encode("latin-1"))}))],
         ("data.path", "not UTF-8 text", "convert it to UTF-8")),
@@ -343,6 +363,12 @@ def test_output_dir_ownership(tiny_models, tiny_text, tmp_path, capsys):
     assert json.loads((out / "run.json").read_text())["recipe"]["train"]["lr"] == 0.001
     # No temporary files are left anywhere in the output folder.
     assert not [p for p in out.rglob(".*")]
+
+
+def test_messages_put_an_before_a_vowel(tiny_models, capsys):
+    code, _, err = shd(capsys, "eval", str(tiny_models["bert"]), "--teacher", str(tiny_models["gpt2"]), "--no-speed")
+    assert code == 2, err
+    assert err.splitlines()[-1].endswith("an encoder model cannot be compared with a causal-lm model"), err
 
 
 def test_debug_shows_traceback(tmp_path, capsys):

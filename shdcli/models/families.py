@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from shdcli.attention import capture
-from shdcli.errors import ShdError
+from shdcli.errors import ShdError, article
 
 
 # --------------------------------------------------------------------------- the family table
@@ -262,7 +262,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if (isinstance(module, nn.ModuleList) and len(module) == n and n > 0
                 and (name == family.blocks or name.endswith("." + family.blocks))):
             return module
-    raise ShdError(f"cannot find the {n} transformer blocks ({family.blocks}) of a {type(model).__name__}")
+    name = type(model).__name__
+    raise ShdError(f"cannot find the {n} transformer blocks ({family.blocks}) of {article(name)} {name}")
 
 
 def _module(layer: nn.Module, path: str) -> nn.Module:
@@ -476,7 +477,8 @@ def derive_student_config(teacher_config, layer_pairs: list[tuple[int, int]], he
     kv = kv_heads or default_kv_heads(shape, heads)
     fixed = _fixed_kv_heads(family, config, heads)
     if fixed is not None and kv != fixed:
-        raise ShdError(f"student.from_teacher.kv_heads: a {shape.model_type} student with {heads} heads has {fixed} "
+        raise ShdError(f"student.from_teacher.kv_heads: {article(shape.model_type)} {shape.model_type} student with "
+                       f"{heads} heads has {fixed} "
                        f"key/value heads (its config has no separate setting); drop kv_heads or set it to {fixed}")
     if family.model_types[0] == "falcon":
         if config.new_decoder_architecture:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from shdcli import distributed
 from shdcli.errors import ShdError
 from shdcli.models.sources import cache_dir, load_tokenizer
+from shdcli.report import looks_utf16
 from shdcli.tasks.base import Batch, HeldOut, model_inputs
 from shdcli.tasks.corpora import LABELLED, bbc_paragraphs, read_builtin
 
@@ -114,6 +115,8 @@ def read_documents(path: str, text_field: str = "text", field: str = "data.path"
     if file.is_dir():
         raise ShdError(f"{field}: {path} is a folder; give a .txt or .jsonl file")
     raw = file.read_bytes()
+    if looks_utf16(raw):
+        raise ShdError(f"{field}: {path} is UTF-16 text; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
     if b"\x00" in raw[:4096]:
         raise ShdError(f"{field}: {path} is not a text file (it holds binary data); give UTF-8 .txt or .jsonl")
     try:
