@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from shdcli.tasks.registry import load_model
+
+# The equivalence tests (lean vs naive SHD, fused vs naive logits) build their tensors here:
+# SHD_TEST_DEVICE=cuda runs them on a GPU (benchmarks/gpu_check.sh); random draws stay on the CPU generator.
+TEST_DEVICE = torch.device(os.environ.get("SHD_TEST_DEVICE", "cpu"))
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank today.",

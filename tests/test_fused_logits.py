@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from shdcli.attention.fused_logits import FusedSpec, Head, bypass_heads, final_hidden, fused_lm_losses, next_token_nll
 from shdcli.errors import ShdError
+from tests.helpers import TEST_DEVICE
 from tests.test_distributed import no_dropout_gpt2  # noqa: F401, F811 - fixture
 
 
@@ -58,18 +59,19 @@ def reference(hidden, weight, bias, cap, input_ids, mask, t_logits, kind, beta, 
 
 def _case(seed, bsz=2, n=7, dim=12, vocab=37, t_dim=10, bias=False, pad=True):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(bsz, n, dim, generator=g, dtype=torch.float64).float().requires_grad_(True)
-    weight = (torch.randn(vocab, dim, generator=g) * 0.7).requires_grad_(True)
-    b = (torch.randn(vocab, generator=g) * 0.3).requires_grad_(True) if bias else None
-    t_hidden = torch.randn(bsz, n, t_dim, generator=g)
-    t_weight = torch.randn(vocab, t_dim, generator=g)
-    ids = torch.randint(0, vocab, (bsz, n), generator=g)
+    dev = TEST_DEVICE  # drawn on the CPU generator, moved before requires_grad (leaves on the device)
+    hidden = torch.randn(bsz, n, dim, generator=g, dtype=torch.float64).float().to(dev).requires_grad_(True)
+    weight = (torch.randn(vocab, dim, generator=g) * 0.7).to(dev).requires_grad_(True)
+    b = (torch.randn(vocab, generator=g) * 0.3).to(dev).requires_grad_(True) if bias else None
+    t_hidden = torch.randn(bsz, n, t_dim, generator=g).to(dev)
+    t_weight = torch.randn(vocab, t_dim, generator=g).to(dev)
+    ids = torch.randint(0, vocab, (bsz, n), generator=g).to(dev)
     mask = torch.ones(bsz, n, dtype=torch.long)
     if pad:
         mask[0, n - 3:] = 0  # right padding
         if bsz > 1:
             mask[1, :2] = 0  # left padding
-    return hidden, weight, b, t_hidden, t_weight, ids, mask
+    return hidden, weight, b, t_hidden, t_weight, ids, mask.to(dev)
 
 
 def _grads(loss, tensors):
@@ -95,7 +97,7 @@ def test_losses_and_grads_equal_reference(kind, beta, chunk):
 
 def test_bias_softcap_temperature_one_and_ce_alone():
     hidden, weight, bias, t_hidden, t_weight, ids, mask = _case(2, bias=True)
-    t_bias = torch.randn(weight.shape[0])
+    t_bias = torch.randn(weight.shape[0]).to(TEST_DEVICE)
     spec = FusedSpec(kind="kl", temperature=1.0, task_weight=1.0, logit_weight=0.5, chunk_tokens=4)
     ce, kd = fused_lm_losses(hidden, Head(weight, bias, 3.0), ids, mask, t_hidden, Head(t_weight, t_bias, 3.0), spec)
     t_logits = 3.0 * torch.tanh((t_hidden @ t_weight.t() + t_bias) / 3.0)

@@ -15,6 +15,7 @@ from shdcli.attention import lean
 from shdcli.attention.capture import LayerRecord
 from shdcli.attention.losses import shd_loss
 from shdcli.attention.shd import group_feature_bases, group_heads
+from tests.helpers import TEST_DEVICE
 
 RTOL = 1e-4
 
@@ -31,7 +32,7 @@ def make_allowed(b: int, n: int, causal: bool, pad: str) -> tuple[torch.Tensor |
     else:
         raise ValueError(pad)
     base = torch.tril(torch.ones(n, n, dtype=torch.bool)) if causal else torch.ones(n, n, dtype=torch.bool)
-    return (base[None] & real[:, None, :])[:, None], real
+    return (base[None] & real[:, None, :])[:, None].to(TEST_DEVICE), real.to(TEST_DEVICE)
 
 
 def make_record(b: int, heads: int, kv: int, n: int, d: int, allowed, causal: bool, grad: bool, seed: int,
@@ -39,7 +40,7 @@ def make_record(b: int, heads: int, kv: int, n: int, d: int, allowed, causal: bo
     g = torch.Generator().manual_seed(seed)
 
     def rand(h):  # transformers' layout: projections [B, N, H, d] viewed as [B, H, N, d]
-        return (1.5 * torch.randn(b, n, h, d, generator=g)).transpose(1, 2).to(dtype)
+        return (1.5 * torch.randn(b, n, h, d, generator=g)).transpose(1, 2).to(TEST_DEVICE, dtype)
 
     q, k, v = rand(heads), rand(kv), rand(kv)
     if grad:
@@ -82,7 +83,7 @@ def case(ht, t_kv, hs, s_kv, n=23, b=2, d=8, causal=True, pad="none", grouping="
         pairs.append((i, i))
     groups = [group_heads(ht, hs, grouping) for _ in pairs]
     for (_, t), g in zip(pairs, groups):
-        w_out = torch.randn(ht * d, 3 * d, generator=torch.Generator().manual_seed(seed + 99))
+        w_out = torch.randn(ht * d, 3 * d, generator=torch.Generator().manual_seed(seed + 99)).to(TEST_DEVICE)
         bases[t] = group_feature_bases(w_out, g, d) if with_bases else None
     return t_recs, s_recs, pairs, groups, bases, row_mask
 
@@ -156,7 +157,7 @@ def test_lean_matches_naive_under_no_grad_and_inference_teacher():
         t_rec = make_record(2, 8, 4, 21, 8, allowed, True, False, seed=1)
     s_rec = make_record(2, 4, 2, 21, 8, allowed, True, True, seed=2, values=False)
     groups = [group_heads(8, 4)]
-    bases = {0: group_feature_bases(torch.randn(64, 40), groups[0], 8)}
+    bases = {0: group_feature_bases(torch.randn(64, 40).to(TEST_DEVICE), groups[0], 8)}
     ref = run("naive", {0: t_rec}, {0: s_rec}, [(0, 0)], groups, bases, row_mask)
     assert_same(run("lean", {0: t_rec}, {0: s_rec}, [(0, 0)], groups, bases, row_mask, chunk=5), ref, "inference")
     with torch.no_grad():
