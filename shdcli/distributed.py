@@ -207,8 +207,9 @@ def wrap_student(model: nn.Module, strategy: str, device: torch.device, amp_dtyp
     if strategy == "fsdp":
         _, MixedPrecisionPolicy, fully_shard = _fsdp()
         kwargs = {}
-        if amp_dtype is not None and device.type == "cuda":
-            # bf16 compute and all-gathers, fp32 master weights, fp32 gradient reduction.
+        if amp_dtype is not None:
+            # bf16 compute and all-gathers, fp32 master weights, fp32 gradient reduction. gloo all-gathers bf16
+            # as nccl does, so CPU ranks run the same policy (tests/test_bf16.py checks it against fp32).
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)
         # One FSDP unit per transformer block (all-gathered just before it runs), then the root
         # (embeddings, final norm, head). Shared (tied) embeddings stay in the root unit.
