@@ -10,6 +10,15 @@ in one step: a folder named step-N is always complete, a crash leaves at worst a
 folder, which resume ignores and the next save sweeps away. Nothing is pickled: tensors go to
 safetensors, the rest to JSON (tuples and non-string dict keys are tagged so they come back exact).
 
+An FSDP run (the student sharded over the ranks) never gathers the model: its checkpoint holds
+  sharded/              student weights and AdamW moments as torch.distributed.checkpoint writes them:
+                        one file of shards per rank, plus its .metadata (which DCP pickles)
+  state.safetensors, state.json   as above, without the optimizer (it is in sharded/)
+Every rank writes its shards into the same temporary folder (output_dir must be shared by the ranks),
+rank 0 adds the state files and renames it. One reader takes either layout into any world size: DCP
+reshards on load (FSDP 2 ranks -> 1 process, or 1 -> 2), and a single-process checkpoint loads into an
+FSDP student as full tensors that each rank slices.
+
 Resuming restores weights, optimizer, scheduler, data position and the python/torch/cuda RNG
 states, so on CPU a resumed run ends bit-identical to an uninterrupted one.
 
@@ -32,6 +41,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from shdcli import distributed
 from shdcli.errors import ShdError, article
 from shdcli.recipe import Recipe
 from shdcli.report import fsync_dir, fsync_tree, make_readable, probe_writable, write_failure, write_json_atomic
@@ -43,6 +53,8 @@ RUN_INFO = "run.json"
 RUN_FILES = (RUN_INFO, CHECKPOINTS, "student", "metrics.json", "report.md", "logs", "plots")
 _NAME = re.compile(r"^step-(\d{8})$")
 _FILES = ("student.safetensors", "state.safetensors", "state.json")
+SHARDED = "sharded"  # the DCP folder of an FSDP checkpoint
+_SHARDED_FILES = ("state.safetensors", "state.json", f"{SHARDED}/.metadata")
 
 
 # --------------------------------------------------------------------------- tensors <-> JSON
@@ -114,7 +126,8 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     found = []
     for entry in root.iterdir():
         match = _NAME.match(entry.name)
-        if match and entry.is_dir() and all((entry / f).is_file() for f in _FILES):
+        if match and entry.is_dir() and any(all((entry / f).is_file() for f in files)
+                                            for files in (_FILES, _SHARDED_FILES)):
             found.append((int(match.group(1)), entry))
     return sorted(found)
 
@@ -177,8 +190,98 @@ def save(root: Path, step: int, fingerprint: str, student: torch.nn.Module, opti
     return final
 
 
+def save_sharded(root: Path, step: int, fingerprint: str, student: torch.nn.Module, optimizer, scheduler,
+                 where: dict, run: dict, keep: int) -> Path:
+    """save() for an FSDP student, called by every rank (collective): each writes its own shards of the
+    weights and AdamW moments with torch.distributed.checkpoint, rank 0 the rest; then the same atomic
+    rename. where and run: rank 0's (data position and RNG are the same on every rank)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    main = dist.get_rank() == 0
+    final = root / f"step-{step:08d}"
+    name: list[str | None] = [None]
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        _sweep(root)
+        name[0] = tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-")
+    dist.broadcast_object_list(name, src=0)  # one folder for every rank's shards
+    tmp = Path(str(name[0]))
+    try:
+        model_state, optim_state = get_state_dict(student, optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDED))
+        if main:
+            tensors: dict[str, torch.Tensor] = {}
+            meta = {"format": FORMAT, "step": step, "fingerprint": fingerprint, "layout": SHARDED,
+                    "world": dist.get_world_size(), "scheduler": encode(scheduler.state_dict(), tensors),
+                    "position": encode(where, tensors), "run": encode(run, tensors)}
+            save_file(tensors, str(tmp / "state.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+            make_readable(tmp)
+            fsync_tree(tmp)
+            if final.exists():
+                _remove(final)
+            os.replace(tmp, final)
+            fsync_dir(root)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dist.barrier()  # no rank goes on (or prunes) before the checkpoint is complete
+    if main:
+        for _, old in complete_checkpoints(root)[:-keep]:
+            _remove(old)
+    return final
+
+
+def _load_weights_and_optimizer(folder: Path, meta: dict, tensors: dict, student: torch.nn.Module,
+                                optimizer) -> None:
+    """The one place weights and optimizer come back, whatever wrote them and whatever reads them."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+        set_state_dict,
+    )
+
+    if meta.get("layout") == SHARDED:  # DCP reshards to this world size (or to one process)
+        import torch.distributed.checkpoint as dcp
+
+        model_state, optim_state = get_state_dict(student, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=str(folder / SHARDED))
+        set_state_dict(student, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        return
+    saved_optimizer = _retuple(decode(meta["optimizer"], tensors), optimizer.state_dict())
+    if not distributed.is_sharded(student):
+        load_model(student, str(folder / "student.safetensors"), strict=True)
+        optimizer.load_state_dict(saved_optimizer)
+        return
+    # A single-process (or DDP) checkpoint into an FSDP student: full tensors, keyed by parameter name,
+    # that every rank slices to its shard. safetensors stores tied weights once: give each alias its copy.
+    weights = load_file(str(folder / "student.safetensors"))
+    names: dict[int, list[str]] = {}
+    for name, param in student.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for aliases in names.values():
+        known = next((weights[a] for a in aliases if a in weights), None)
+        for alias in aliases:
+            if known is not None and alias not in weights:
+                weights[alias] = known
+    set_model_state_dict(student, weights, options=StateDictOptions(full_state_dict=True))
+    order = [names[id(p)][0] for group in optimizer.param_groups for p in group["params"]]
+    by_name = {"state": {order[i]: value for i, value in saved_optimizer["state"].items()},
+               "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                                for group in saved_optimizer["param_groups"]]}
+    set_optimizer_state_dict(student, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
 def load(folder: Path, fingerprint: str, student: torch.nn.Module, optimizer, scheduler, stream) -> dict:
-    """Restore weights, optimizer, scheduler, data position and RNG from a checkpoint; return its run dict."""
+    """Restore weights, optimizer, scheduler, data position and RNG from a checkpoint of either layout
+    (single-process / DDP, or FSDP's sharded one) into a student of any world size; return its run dict.
+    Under torch.distributed every rank calls it."""
     try:
         meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         tensors = load_file(str(folder / "state.safetensors"))
@@ -195,8 +298,7 @@ def load(folder: Path, fingerprint: str, student: torch.nn.Module, optimizer, sc
             "or pass --overwrite to start over"
         )
     try:
-        load_model(student, str(folder / "student.safetensors"), strict=True)
-        optimizer.load_state_dict(_retuple(decode(meta["optimizer"], tensors), optimizer.state_dict()))
+        _load_weights_and_optimizer(folder, meta, tensors, student, optimizer)
         scheduler.load_state_dict(decode(meta["scheduler"], tensors))
     except Exception as exc:
         raise ShdError(

@@ -253,6 +253,19 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
+def allocate_unsharded(model: nn.Module) -> None:
+    """Make FSDP2 allocate every unit's unsharded parameters now, outside torch.inference_mode. It does so
+    at a unit's first all-gather; were that the final evaluation's forward (a run resumed from its last
+    checkpoint), they would be inference tensors that every later all-gather fails to copy into."""
+    if not is_sharded(model):
+        return
+    FSDPModule, _, _ = _fsdp()
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            module.reshard()
+
+
 def model_for_saving(model: nn.Module) -> nn.Module | None:
     """A plain, unsharded copy of the student on rank 0 (None on other ranks). Collective under FSDP.
 

@@ -586,23 +586,24 @@ class Run:
     state: RunState
     root: Path  # checkpoints/
     fingerprint: str  # of the recipe fields a resumed run must share
-    # DDP replicas are identical: rank 0 writes, every rank reads. FSDP2 shards would need a collective
-    # (distributed) checkpoint, which is not implemented: such runs keep only their final student.
-    can_checkpoint: bool
+    # DDP replicas are identical: rank 0 writes, every rank reads. An FSDP2 student is sharded: every rank
+    # writes its own shards (checkpoint.save_sharded, torch.distributed.checkpoint), never the whole model.
+    sharded: bool
     is_main: bool
 
     def save(self, where: dict | None = None) -> Path | None:
         """A checkpoint of the current step (stream position `where`, default: now); every rank waits."""
         where = where or checkpoint.position(self.stream)
         folder = None
-        if self.can_checkpoint and self.is_main:
-            # A full disk keeps the previous checkpoint (saves are atomic): say so and how to go on.
-            with output_dir_writes(self.setup.recipe):
-                folder = checkpoint.save(self.root, self.state.step, self.fingerprint,
-                                         distributed.unwrap(self.setup.student), self.optimizer, self.scheduler,
-                                         where, {**self.state.state_dict(),
-                                                 "agreement": self.setup.agreement.state_dict()},
-                                         self.setup.recipe.train.keep_checkpoints)
+        args = (self.root, self.state.step, self.fingerprint, distributed.unwrap(self.setup.student), self.optimizer,
+                self.scheduler, where, {**self.state.state_dict(), "agreement": self.setup.agreement.state_dict()},
+                self.setup.recipe.train.keep_checkpoints)
+        # A full disk keeps the previous checkpoint (saves are atomic): say so and how to go on.
+        with output_dir_writes(self.setup.recipe):
+            if self.sharded:  # collective: every rank writes its shards
+                folder = checkpoint.save_sharded(*args)
+            elif self.is_main:
+                folder = checkpoint.save(*args)
         distributed.barrier()
         return folder
 
@@ -663,13 +664,16 @@ def open_run(recipe: Recipe, console: Console, resume: bool, overwrite: bool, di
     stream = BatchStream(setup.train_blocks, recipe.data.batch_size, recipe.train.seed, dist_info.rank, dist_info.world)
     optimizer = make_optimizer(setup.student, recipe, setup.projector)
     run = Run(setup, stream, optimizer, make_scheduler(optimizer, recipe), RunState(),
-              checkpoint.checkpoint_root(recipe), recipe.fingerprint(), not distributed.is_sharded(setup.student),
+              checkpoint.checkpoint_root(recipe), recipe.fingerprint(), distributed.is_sharded(setup.student),
               dist_info.is_main)
-    if resume_from is not None and not run.can_checkpoint:
-        raise ShdError("--resume: checkpoints are not supported with train.strategy=fsdp; use ddp to resume runs")
+    how = (f"sharded over {dist_info.world} ranks (torch.distributed.checkpoint)" if run.sharded
+           else "whole (safetensors)")
+    console.print(f"checkpoints: every {recipe.train.save_every} steps, at the end and on Ctrl-C, {how}, to "
+                  f"{run.root} (the newest {recipe.train.keep_checkpoints} kept)", soft_wrap=True)
     if resume_from is not None:  # the one place a run is restored
         restored = checkpoint.load(resume_from, run.fingerprint, distributed.unwrap(setup.student), optimizer,
                                    run.scheduler, stream)
+        distributed.allocate_unsharded(setup.student)
         run.state.load_state_dict(restored)
         if "agreement" in restored:  # balance=agreement's running cosine (older checkpoints lack it)
             setup.agreement.load_state_dict(restored["agreement"])
