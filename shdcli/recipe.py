@@ -135,8 +135,8 @@ class DistillSpec(Section):
     # shdcli/attention/balance.py: with value|grad, `shd` is the SHD term's fraction of the task + logit term;
     # agreement caps SHD's gradient at the running cos(g_shd, g_task+logit) times the task's; pcgrad projects
     # out the part of SHD's gradient that opposes the task's.
-    # auto (default): agreement where the task regresses the teacher's output (sentence encoders), none where it
-    # learns labels or tokens with logit KD (balance.resolve_mode says why).
+    # auto (default): none where the task learns labels or tokens with logit KD; off (training skips SHD, validation
+    # measures it) where it regresses the teacher's output, a sentence embedding (balance.resolve_mode says why).
     balance: Literal["auto", "none", "value", "grad", "agreement", "pcgrad"] = "auto"
     shd_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"
     shd_warmup_steps: int = Field(0, ge=0, description="steps over which the SHD weight ramps up from 0")

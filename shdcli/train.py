@@ -80,7 +80,9 @@ class Setup:
     shd_grad_scale: float | None = None  # balance=grad|agreement: the last scale of the SHD gradient (balance.py)
     # balance=agreement: the running cos(g_shd, g_rest) that caps SHD's gradient (checkpointed with the run)
     agreement: balance.Agreement = field(default_factory=balance.Agreement)
-    balance: str = "none"  # the balance mode this run uses (distill.balance, auto resolved by balance.resolve_mode)
+    # the balance mode this run uses (distill.balance; auto resolved by balance.resolve_mode: none, or off = SHD
+    # skipped in training steps)
+    balance: str = "none"
     balance_note: str | None = None  # why auto chose it, for the plan
     teacher_recorder: capture.AttentionRecorder = field(init=False)
     student_recorder: capture.AttentionRecorder = field(init=False)
@@ -262,8 +264,7 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     setup = Setup(recipe, device, amp_dtype, teacher, student, tokenizer, task, plan, bases, train_blocks, val,
                   use_logit, projector, derivation)
     if recipe.distill.shd > 0:
-        setup.balance, setup.balance_note = balance.resolve_mode(recipe.distill.balance, kind.regresses_teacher,
-                                                                 strategy)
+        setup.balance, setup.balance_note = balance.resolve_mode(recipe.distill.balance, kind.regresses_teacher)
     return setup
 
 
@@ -319,7 +320,9 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor],
     """Total loss (with grad), its parts (detached) and the squeeze weights for one batch.
     terms_out, if given, receives the weighted terms with grad (balance.weighted_terms) for train_step."""
     d = setup.recipe.distill
-    fraction = balance.shd_fraction(d, setup.step, setup.recipe.train.max_steps)
+    fraction = shd_fraction(setup)
+    # balance auto -> off: training steps skip the term (a KD-alone step); validation still measures it
+    attend = d.shd > 0 and not (setup.balance == "off" and setup.student.training)
     kind = setup.kind
     # ---- forwards (both output heads skipped when the task computes them inside its loss)
     row_mask = kind.row_mask(batch)  # None: every row counts (images: no padding, CLS included)
@@ -335,7 +338,7 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor],
     parts = kind.losses(Forwards(setup.student, setup.teacher, s_out, t_out, batch, d, setup.use_logit, channels))
     # ---- the attention part
     weights = {}
-    if d.shd > 0:
+    if attend:
         missing = [i for i, _ in setup.plan.pairs if i not in s_records]
         if missing:
             raise ShdError(
@@ -345,13 +348,13 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor],
             )
     # A schedule at 0: the term is still measured, without a graph (nothing to back-propagate).
     with torch.no_grad() if fraction == 0 else nullcontext():
-        if d.shd > 0 and d.target == "relations":
+        if attend and d.target == "relations":
             parts["shd"] = relation_loss(t_records, s_records, setup.plan.pairs, row_mask, d.relation_heads,
                                          d.chunk_rows)
-        elif d.shd > 0 and d.target != "squeeze":
+        elif attend and d.target != "squeeze":
             parts["shd"] = attention_target_loss(d.target, t_records, s_records, setup.plan.pairs, setup.plan.groups,
                                                  row_mask, d.temperature, d.attn_loss, setup.projector)
-        elif d.shd > 0:
+        elif attend:
             result = shd_loss(
                 t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases, row_mask,
                 alpha=d.alpha, kind=d.attn_loss, tau=d.temperature, impl=d.impl, chunk_rows=d.chunk_rows,
@@ -369,6 +372,13 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor],
         terms_out.update(terms)
     total = sum(shown.values())
     return total, {k: v.detach() for k, v in parts.items()}, weights
+
+
+def shd_fraction(setup: Setup) -> float:
+    """The SHD weight of the step being taken: distill.shd x its schedule, 0 when balance auto chose off."""
+    if setup.balance == "off":
+        return 0.0
+    return balance.shd_fraction(setup.recipe.distill, setup.step, setup.recipe.train.max_steps)
 
 
 @torch.no_grad()
@@ -513,7 +523,7 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
     n_student = len(params)
     if setup.projector is not None:
         params += list(setup.projector.parameters())
-    fraction = balance.shd_fraction(d, setup.step, setup.recipe.train.max_steps)
+    fraction = shd_fraction(setup)
     optimizer.zero_grad(set_to_none=True)
     parts_sum: dict[str, float] = {}
     part_grads: dict[str, list] = {}  # grad_accum > 1: per-part sums, for norms of the whole step
@@ -553,7 +563,7 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
                     part_norms = result.norms
             else:
                 (total / accum).backward()
-            if setup.balance != "none" or d.shd_schedule != "constant" or d.shd_warmup_steps:
+            if setup.balance not in ("none", "off") or d.shd_schedule != "constant" or d.shd_warmup_steps:
                 parts_sum["shd_coef"] = parts_sum.get("shd_coef", 0.0) + shd_coef / accum
             if setup.balance == "agreement" and "shd" in parts:
                 parts_sum["shd_agreement"] = setup.agreement.estimate

@@ -340,17 +340,14 @@ def test_part_norms_cover_the_whole_accumulated_step(tiny_models, tiny_text):
 
 
 # --------------------------------------------------------------------------- balance auto
-def test_auto_caps_shd_by_agreement_only_where_the_task_regresses_the_teacher():
-    assert balance.resolve_mode("auto", True, None)[0] == "agreement"
-    assert balance.resolve_mode("auto", True, "ddp")[0] == "agreement"
-    mode, why = balance.resolve_mode("auto", True, "fsdp")  # FSDP cannot measure per-part gradients: said so
-    assert mode == "none" and "FSDP" in why
-    assert balance.resolve_mode("auto", False, None) == ("none", None)
-    assert balance.resolve_mode("grad", True, None) == ("grad", None)  # an explicit choice is kept
+def test_auto_keeps_shd_for_labels_and_tokens_and_turns_it_off_for_embedding_regression():
+    mode, why = balance.resolve_mode("auto", True)
+    assert mode == "off" and "KD alone" in why
+    assert balance.resolve_mode("auto", False) == ("none", None)
+    assert balance.resolve_mode("agreement", True) == ("agreement", None)  # an explicit choice is kept
 
 
-@pytest.mark.parametrize("model,task,mode", [("bert", "encoder", "agreement"), ("llama", "causal-lm", "none")])
-def test_auto_resolves_per_task_in_a_run_and_says_why(tiny_models, tiny_text, tmp_path, model, task, mode):
+def _auto_run(tiny_models, tiny_text, tmp_path, model: str, name: str, **distill):
     from rich.console import Console
 
     from shdcli.recipe import validate_recipe
@@ -358,14 +355,24 @@ def test_auto_resolves_per_task_in_a_run_and_says_why(tiny_models, tiny_text, tm
 
     data = {"teacher": str(tiny_models[model]), "student": {"from_teacher": {"layers": 2, "heads": 3}},
             "data": {"path": str(tiny_text), "seq_len": 32, "batch_size": 4, "val_batches": 1},
-            "train": {"max_steps": 2, "eval_every": 2, "device": "cpu"}, "output_dir": str(tmp_path / "run")}
+            "distill": distill, "train": {"max_steps": 3, "eval_every": 3, "device": "cpu", "grad_norms_every": 2},
+            "output_dir": str(tmp_path / name)}
     console = Console(record=True, width=200)
-    metrics = run_distillation(validate_recipe(data), console)
-    assert metrics["recipe"]["task"] in ("auto", task) and metrics["recipe"]["distill"]["balance"] == "auto"
-    assert metrics["balance"]["mode"] == mode
-    printed = console.export_text()
-    if mode == "agreement":
-        assert "distill.balance auto -> agreement" in printed
-        assert all("shd_agreement" in h for h in metrics["history"])  # measured and capped every step
-    else:
-        assert metrics["balance"]["why"] is None and not any("shd_agreement" in h for h in metrics["history"])
+    return run_distillation(validate_recipe(data), console), console.export_text()
+
+
+def test_auto_off_trains_the_encoder_exactly_as_kd_alone_and_still_measures_shd(tiny_models, tiny_text, tmp_path):
+    auto, printed = _auto_run(tiny_models, tiny_text, tmp_path, "bert", "auto")
+    kd, _ = _auto_run(tiny_models, tiny_text, tmp_path, "bert", "kd", shd=0.0)
+    assert auto["recipe"]["distill"]["balance"] == "auto" and auto["balance"]["mode"] == "off"
+    assert "distill.balance auto -> off" in printed
+    for a, b in zip(auto["history"], kd["history"]):  # bit for bit the KD-alone run
+        assert "shd" not in a and a["task"] == b["task"] and a["grad_norm"] == b["grad_norm"]
+    assert all(v["val_shd"] > 0 for v in auto["validation"])  # the maps are still scored against SHD's targets
+    assert auto["final_eval"]["similarity_pearson"] == kd["final_eval"]["similarity_pearson"]
+
+
+def test_auto_keeps_shd_on_for_a_causal_lm(tiny_models, tiny_text, tmp_path):
+    metrics, _ = _auto_run(tiny_models, tiny_text, tmp_path, "llama", "causal")
+    assert metrics["balance"] == {"mode": "none", "why": None}
+    assert all(h["shd"] > 0 for h in metrics["history"])
