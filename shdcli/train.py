@@ -1,4 +1,7 @@
-"""The distillation loop: teacher forward (captured), student forward (captured), losses, AdamW."""
+"""The distillation loop: teacher forward (captured), student forward (captured), losses, AdamW.
+
+Top to bottom: setup (prepare), step (step_losses, train_step), validation, loop, outputs. The student is
+built in students/build.py, the optimizer and schedule in optim.py, the progress display in progress.py."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,30 +30,20 @@ from shdcli.errors import ShdError
 from shdcli.evaluate import final_evaluation, ood_unavailable
 from shdcli.model_card import render_card
 from shdcli.models import checks
-from shdcli.models.families import decoder_layers, enable_capture, has_fixed_head_dim, model_shape
-from shdcli.models.grouping import calibrate_plan, calibrate_teacher
+from shdcli.models.families import decoder_layers, enable_capture, model_shape
 from shdcli.models.lora import apply_lora, save_lora_student
-from shdcli.models.mapping import Plan, feature_bases, layer_pairs, make_plan, plan_table
+from shdcli.models.mapping import Plan, feature_bases, plan_table
 from shdcli.models.sources import count_parameters, resolve_source, save_model_folder
 from shdcli.models.st_modules import sentence_transformers_files
+from shdcli.optim import make_optimizer, make_scheduler
 from shdcli.progress import ProgressDisplay
 from shdcli.recipe import Recipe
 from shdcli.report import destination, render_report, write_json_atomic, write_text_atomic
-from shdcli.students.derive import (
-    Derivation,
-    build_student,
-    config_counter,
-    derivation_table,
-    derive,
-    init_from_teacher,
-    resolve_shape,
-    size_warning,
-    student_config,
-)
+from shdcli.students.build import calibration_batches, load_teacher, make_student
+from shdcli.students.derive import Derivation, derivation_table, size_warning
 from shdcli.tasks.base import Forwards, Task
 from shdcli.tasks.data import BatchStream, TokenBlocks
 from shdcli.tasks.registry import get as get_task
-from shdcli.tasks.registry import load_model
 
 
 @dataclass
@@ -111,106 +104,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_teacher(recipe: Recipe) -> tuple[torch.nn.Module, object, str, Path]:
-    folder = resolve_source(recipe.teacher.path, "teacher.path")
-    teacher, tokenizer, task = load_model(
-        folder, "teacher.path", task=None if recipe.task == "auto" else recipe.task,
-        allow_pickle=recipe.teacher.allow_pickle, trust_remote_code=recipe.teacher.trust_remote_code
-    )
-    if tokenizer is None:  # image classifiers get their image processor here (tasks.image.load_processor)
-        raise ShdError(f"teacher.path: {folder} has no tokenizer files; add tokenizer.json (or vocab files) to it")
-    checks.check_tokenizer_fits(tokenizer, model_shape(teacher.config), "teacher.path")
-    return teacher, tokenizer, task, folder
-
-
-def make_student(
-    recipe: Recipe, teacher: torch.nn.Module, tokenizer, task: str,
-    batches: Callable[[], list[dict[str, torch.Tensor]]] | None = None, device: torch.device | str = "cpu",
-    console: Console | None = None,
-) -> tuple[torch.nn.Module, Plan, Derivation | None]:
-    """Load or derive the student and make the SHD plan. `batches()` gives the calibration batches
-    (training data) that calibrated grouping and importance pruning measure the teacher on."""
-    t_shape = model_shape(teacher.config)
-    spec, d = recipe.student, recipe.distill
-    if spec.path is not None:
-        folder = resolve_source(spec.path, "student.path")
-        student, s_tok, s_task = load_model(folder, "student.path", task=task, allow_pickle=spec.allow_pickle)
-        s_shape = model_shape(student.config)
-        checks.check_student_fits(t_shape, s_shape, tokenizer, s_tok)
-        plan = make_plan(t_shape, s_shape, d.layers, d.grouping)
-        if d.grouping == "calibrated":
-            _announce_calibration(console, batches())
-            calibrate_plan(plan, teacher, batches(), device, d.alpha, d.temperature, recipe.train.seed)
-        return student, plan, None
-    ft = spec.from_teacher
-    assert ft is not None
-    # ---- shape
-    for name, value, limit in (("heads", ft.heads, t_shape.heads), ("layers", ft.layers, t_shape.layers)):
-        if value is not None and value > limit:
-            raise ShdError(f"student.from_teacher.{name}: {value} is more than the teacher's {limit} {name}; "
-                           f"choose at most {limit}")
-    if ft.kv_heads is not None and (ft.heads or t_shape.heads) % ft.kv_heads:
-        raise ShdError(f"student.from_teacher.kv_heads: {ft.kv_heads} must divide the student's "
-                       f"{ft.heads or t_shape.heads} heads")
-    shape = resolve_shape(t_shape, ft.layers, ft.heads, ft.kv_heads, ft.hidden_size, ft.intermediate_size, ft.params,
-                          config_counter(teacher, task), has_fixed_head_dim(teacher.config))
-    # ---- what to keep (measured on calibration batches) and the plan's layer pairs
-    prune = ft.prune if ft.init == "teacher" else "uniform"
-    needs_data = prune == "importance" or d.grouping == "calibrated"
-    if needs_data and batches is None:
-        raise ValueError("make_student: importance pruning and calibrated grouping need calibration batches")
-    calib = batches() if needs_data else []
-    if needs_data:
-        what = " and ".join(w for w, on in (("measuring the teacher for pruning", prune == "importance"),
-                                             ("calibrating head groups", d.grouping == "calibrated")) if on)
-        _announce_calibration(console, calib, what)
-    layouts_for = None
-    if d.grouping == "calibrated" and shape.heads < t_shape.heads:
-        def layouts_for(requests: dict[int, tuple[list[list[int]], int]]) -> dict[int, tuple[list, list]]:
-            chosen = calibrate_teacher(teacher, list(requests), calib, next(iter(requests.values()))[1], device,
-                                       d.alpha, d.temperature, recipe.train.seed,
-                                       blocks={t: b for t, (b, _) in requests.items()})
-            return {t: (c.groups, c.representatives, c) for t, c in chosen.items()}
-    layer_pairs(t_shape.layers, shape.layers, d.layers)  # a bad distill.layers fails here, before any measuring
-    explicit = [int(t) for _, t in d.layers] if isinstance(d.layers, list) else []
-    home, was_training = next(teacher.parameters()).device, teacher.training
-    teacher.eval().to(device)  # measured where it runs; the init below copies on the teacher's home device
-    try:
-        derivation = derive(teacher, task, shape, prune, d.grouping, calib, device, layouts_for,
-                            extra_layers=explicit + ([t_shape.layers - 1] if d.layers == "last" else []))
-    finally:
-        teacher.to(home).train(was_training)
-    config = student_config(teacher.config, derivation.layers, shape)
-    student = build_student(teacher, config, task)
-    s_shape = model_shape(student.config)
-    pairs = derived_pairs(d.layers, derivation.layers, t_shape.layers)
-    plan = Plan(t_shape, s_shape, pairs, [derivation.layouts[t][0] for _, t in pairs], d.grouping,
-                [derivation.layouts[t][1] for _, t in pairs])
-    if d.grouping == "calibrated" and derivation.calibration:
-        plan.calibration = [{"teacher_layer": t, "samples": sum(len(next(iter(b.values()))) for b in calib),
-                             **derivation.calibration[t]} for _, t in pairs]
-    if ft.init == "teacher":
-        init_from_teacher(student, teacher, derivation)
-    return student, plan, derivation
-
-
-def derived_pairs(spec, kept: list[int], teacher_layers: int) -> list[tuple[int, int]]:
-    """(student layer, teacher layer) pairs of a derived student: `auto` (and the student layers that
-    {every: N} / {last: N} choose) map to the teacher layer each was copied from; `last` the final
-    layers; explicit lists as given."""
-    if spec == "auto":
-        return list(enumerate(kept))
-    if isinstance(spec, dict):
-        return [(s, kept[s]) for s, _ in layer_pairs(teacher_layers, len(kept), spec)]
-    return layer_pairs(teacher_layers, len(kept), spec)
-
-
-def _announce_calibration(console: Console | None, batches: list[dict[str, torch.Tensor]], what: str | None = None):
-    if console is not None:
-        samples = sum(len(next(iter(b.values()))) for b in batches)
-        console.print(f"{what or 'calibrating head groups'} on {samples} training samples")
-
-
 def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Setup:
     """Build a run. `loaded` = (teacher, tokenizer, task) from load_teacher skips reloading it
     (benchmarks train many students from one teacher)."""
@@ -266,14 +159,6 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     if recipe.distill.shd > 0:
         setup.balance, setup.balance_note = balance.resolve_mode(recipe.distill.balance, kind.regresses_teacher)
     return setup
-
-
-def calibration_batches(blocks, recipe: Recipe) -> list[dict[str, torch.Tensor]]:
-    """The first distill.calibration_batches training batches (a fixed, seeded draw; never validation),
-    from TokenBlocks or, for image classifiers, a tasks.image.ImageSet (pixels only: labels are not inputs)."""
-    stream = BatchStream(blocks, recipe.data.batch_size, recipe.train.seed)
-    n = min(recipe.distill.calibration_batches, math.ceil(len(blocks) / recipe.data.batch_size))
-    return [{k: v for k, v in stream.next().items() if k != "labels"} for _ in range(max(1, n))]
 
 
 def teacher_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
@@ -381,126 +266,6 @@ def shd_fraction(setup: Setup) -> float:
     return balance.shd_fraction(setup.recipe.distill, setup.step, setup.recipe.train.max_steps)
 
 
-@torch.no_grad()
-def validate(setup: Setup) -> dict[str, float]:
-    """Mean loss parts over the fixed validation batches (+ perplexity for causal LMs)."""
-    setup.student.eval()
-    sums: dict[str, float] = {}
-    tokens = 0.0
-    for batch in setup.val_batches:
-        batch = {k: v.to(setup.device) for k, v in distributed.rank_rows(batch).items()}
-        total, parts, _ = step_losses(setup, batch)
-        n = setup.kind.batch_weight(batch)
-        for k, v in {**parts, "total": total.detach()}.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * n
-        tokens += n
-    first = {k: v[:DIAGNOSTIC_ROWS].to(setup.device) for k, v in distributed.rank_rows(setup.val_batches[0]).items()}
-    diagnostics = attention_report(setup, first)
-    setup.student.train()
-    world = distributed.info().world
-    sums = distributed.all_reduce_sum({**sums, "_tokens": tokens, **{f"_diag_{k}": v / world
-                                                                      for k, v in diagnostics.items()}}, setup.device)
-    tokens = sums.pop("_tokens")
-    out = {f"val_{k}": v / max(tokens, 1.0) for k, v in sums.items() if not k.startswith("_diag_")}
-    out.update({f"val_{k[len('_diag_'):]}": v for k, v in sums.items() if k.startswith("_diag_")})
-    out.update(setup.kind.validation_extras(setup.student, setup.val_batches, setup.device, out))
-    return out
-
-
-DIAGNOSTIC_ROWS = 4  # rows of the first validation batch the attention diagnostics read (whole maps per layer)
-
-
-@torch.no_grad()
-def attention_report(setup: Setup, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Sink share of the SHD KL and row entropies of student maps and squeezed targets on one batch
-    (attention/diagnostics.py); {} when the run has no squeeze target."""
-    d, kind = setup.recipe.distill, setup.kind
-    if d.shd == 0 or d.target != "squeeze":
-        return {}
-    inputs, fused = kind.inputs(batch), kind.fuses_heads(d)
-    with fused_logits.bypass_heads(setup.teacher, enabled=fused):
-        _, t_records = teacher_forward(setup, inputs)
-    with setup.student_recorder.active(), autocast(setup), fused_logits.bypass_heads(setup.student, enabled=fused):
-        setup.student(**inputs)
-        s_records = dict(setup.student_recorder.records)
-    return attention_diagnostics(t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases,
-                                 kind.row_mask(batch), batch.get("attention_mask"), d.alpha, d.temperature)
-
-
-class WeightStats:
-    """Running mean / std of squeeze weights per (student layer, group)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[tuple[int, int], list[torch.Tensor]] = {}
-        self.count: dict[tuple[int, int], int] = {}
-
-    def add(self, weights: dict[int, list[torch.Tensor]]) -> None:
-        for layer, groups in weights.items():
-            for j, w in enumerate(groups):
-                w = w.detach().double().cpu()
-                key = (layer, j)
-                s = self.sums.setdefault(key, [torch.zeros(w.shape[1], dtype=torch.float64)] * 2)
-                self.sums[key] = [s[0] + w.sum(0), s[1] + (w * w).sum(0)]
-                self.count[key] = self.count.get(key, 0) + w.shape[0]
-
-    def summary(self) -> dict[str, list[dict]]:
-        out: dict[str, list[dict]] = {}
-        for (layer, j), (s1, s2) in sorted(self.sums.items()):
-            n = self.count[(layer, j)]
-            mean = s1 / n
-            std = (s2 / n - mean * mean).clamp_min(0).sqrt()
-            out.setdefault(str(layer), []).append({"mean": mean.tolist(), "std": std.tolist(), "samples": n})
-        return out
-
-
-def make_optimizer(
-    model: torch.nn.Module, recipe: Recipe, extra: torch.nn.Module | None = None
-) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if extra is not None:  # e.g. the projector baseline: trained with the student, no weight decay
-        lr = getattr(extra, "lr", recipe.train.lr)
-        groups.append({"params": list(extra.parameters()), "weight_decay": 0.0, "lr": lr})
-    return torch.optim.AdamW(groups, lr=recipe.train.lr, betas=(0.9, 0.95))
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup, total = recipe.train.warmup_steps, recipe.train.max_steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-@dataclass
-class RunState:
-    """What the loop accumulates; every checkpoint stores it beside weights, optimizer, data and RNG."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    train_s: float = 0.0
-    history: list[dict] = field(default_factory=list)
-    validation: list[dict] = field(default_factory=list)
-    stats: WeightStats = field(default_factory=WeightStats)
-    init_eval: dict = field(default_factory=dict)  # the final evaluation's metrics on the student at step 0
-
-    def state_dict(self) -> dict:
-        return {"tokens_seen": self.tokens_seen, "train_s": self.train_s, "history": self.history,
-                "validation": self.validation, "alpha_sums": self.stats.sums, "alpha_count": self.stats.count,
-                "init_eval": self.init_eval}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.tokens_seen, self.train_s = state["step"], state["tokens_seen"], state["train_s"]
-        self.history, self.validation = state["history"], state["validation"]
-        self.stats.sums, self.stats.count = state["alpha_sums"], state["alpha_count"]
-        self.init_eval = state.get("init_eval", {})
-
-
 class NonFinite(Exception):
     """A loss part or the gradient of a step is NaN/inf (raised before the optimizer moves)."""
 
@@ -582,6 +347,102 @@ def train_step(setup: Setup, stream: BatchStream, optimizer, scheduler) -> tuple
     optimizer.step()
     scheduler.step()
     return parts_sum, grad_norm, weights, tokens
+
+
+@torch.no_grad()
+def validate(setup: Setup) -> dict[str, float]:
+    """Mean loss parts over the fixed validation batches (+ perplexity for causal LMs)."""
+    setup.student.eval()
+    sums: dict[str, float] = {}
+    tokens = 0.0
+    for batch in setup.val_batches:
+        batch = {k: v.to(setup.device) for k, v in distributed.rank_rows(batch).items()}
+        total, parts, _ = step_losses(setup, batch)
+        n = setup.kind.batch_weight(batch)
+        for k, v in {**parts, "total": total.detach()}.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+        tokens += n
+    first = {k: v[:DIAGNOSTIC_ROWS].to(setup.device) for k, v in distributed.rank_rows(setup.val_batches[0]).items()}
+    diagnostics = attention_report(setup, first)
+    setup.student.train()
+    world = distributed.info().world
+    sums = distributed.all_reduce_sum({**sums, "_tokens": tokens, **{f"_diag_{k}": v / world
+                                                                      for k, v in diagnostics.items()}}, setup.device)
+    tokens = sums.pop("_tokens")
+    out = {f"val_{k}": v / max(tokens, 1.0) for k, v in sums.items() if not k.startswith("_diag_")}
+    out.update({f"val_{k[len('_diag_'):]}": v for k, v in sums.items() if k.startswith("_diag_")})
+    out.update(setup.kind.validation_extras(setup.student, setup.val_batches, setup.device, out))
+    return out
+
+
+DIAGNOSTIC_ROWS = 4  # rows of the first validation batch the attention diagnostics read (whole maps per layer)
+
+
+@torch.no_grad()
+def attention_report(setup: Setup, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sink share of the SHD KL and row entropies of student maps and squeezed targets on one batch
+    (attention/diagnostics.py); {} when the run has no squeeze target."""
+    d, kind = setup.recipe.distill, setup.kind
+    if d.shd == 0 or d.target != "squeeze":
+        return {}
+    inputs, fused = kind.inputs(batch), kind.fuses_heads(d)
+    with fused_logits.bypass_heads(setup.teacher, enabled=fused):
+        _, t_records = teacher_forward(setup, inputs)
+    with setup.student_recorder.active(), autocast(setup), fused_logits.bypass_heads(setup.student, enabled=fused):
+        setup.student(**inputs)
+        s_records = dict(setup.student_recorder.records)
+    return attention_diagnostics(t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases,
+                                 kind.row_mask(batch), batch.get("attention_mask"), d.alpha, d.temperature)
+
+
+class WeightStats:
+    """Running mean / std of squeeze weights per (student layer, group)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.count: dict[tuple[int, int], int] = {}
+
+    def add(self, weights: dict[int, list[torch.Tensor]]) -> None:
+        for layer, groups in weights.items():
+            for j, w in enumerate(groups):
+                w = w.detach().double().cpu()
+                key = (layer, j)
+                s = self.sums.setdefault(key, [torch.zeros(w.shape[1], dtype=torch.float64)] * 2)
+                self.sums[key] = [s[0] + w.sum(0), s[1] + (w * w).sum(0)]
+                self.count[key] = self.count.get(key, 0) + w.shape[0]
+
+    def summary(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for (layer, j), (s1, s2) in sorted(self.sums.items()):
+            n = self.count[(layer, j)]
+            mean = s1 / n
+            std = (s2 / n - mean * mean).clamp_min(0).sqrt()
+            out.setdefault(str(layer), []).append({"mean": mean.tolist(), "std": std.tolist(), "samples": n})
+        return out
+
+
+@dataclass
+class RunState:
+    """What the loop accumulates; every checkpoint stores it beside weights, optimizer, data and RNG."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    train_s: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+    stats: WeightStats = field(default_factory=WeightStats)
+    init_eval: dict = field(default_factory=dict)  # the final evaluation's metrics on the student at step 0
+
+    def state_dict(self) -> dict:
+        return {"tokens_seen": self.tokens_seen, "train_s": self.train_s, "history": self.history,
+                "validation": self.validation, "alpha_sums": self.stats.sums, "alpha_count": self.stats.count,
+                "init_eval": self.init_eval}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen, self.train_s = state["step"], state["tokens_seen"], state["train_s"]
+        self.history, self.validation = state["history"], state["validation"]
+        self.stats.sums, self.stats.count = state["alpha_sums"], state["alpha_count"]
+        self.init_eval = state.get("init_eval", {})
 
 
 @dataclass
@@ -829,4 +690,3 @@ def evaluate_student(setup: Setup, last_val: dict[str, float], student_dir: Path
     if setup.kind.text:
         out.update(final_evaluation(setup, student_dir, speed))
     return out
-

@@ -23,7 +23,7 @@ LAYERS = [
     ("students", "shdcli.students"),
     ("workflows", {"shdcli.train", "shdcli.checkpoint", "shdcli.evaluate", "shdcli.heads", "shdcli.export",
                    "shdcli.model_card", "shdcli.demo", "shdcli.callbacks", "shdcli.progress", "shdcli.trackers",
-                   "shdcli.plots", "shdcli.compare"}),
+                   "shdcli.plots", "shdcli.compare", "shdcli.optim"}),
     ("cli", {"shdcli.cli", "shdcli.__main__"}),
 ]
 
