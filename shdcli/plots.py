@@ -177,10 +177,39 @@ def plot_squeeze_weights(plt, metrics: dict, path: Path) -> bool:
     return True
 
 
+QUALITY_SKIP = ("params", "disk", "latency", "tokens_per_s", "speedup", "step", "val_")  # size, speed, losses
+
+
+def plot_quality(plt, metrics: dict, path: Path) -> bool:
+    """The final evaluation's quality numbers, one panel each: the student at init and after training as
+    bars, the teacher as a line (where the evaluation scored it)."""
+    init, final = metrics.get("init_eval") or {}, metrics.get("final_eval") or {}
+    keys = [k for k, v in final.items() if isinstance(v, int | float) and not k.startswith("teacher_")
+            and not any(k.startswith(p) or p in k for p in QUALITY_SKIP) and isinstance(init.get(k), int | float)]
+    if not keys:
+        return False
+    fig, axes = _grid(plt, len(keys), cols=4, size=(3.2, 2.8))
+    for ax, key in zip(axes, keys):
+        ax.bar(["at init", "trained"], [init[key], final[key]], color=["C7", "C0"])
+        name = key.removeprefix("student_")  # image classifiers: student_top1 beside teacher_top1
+        teacher = final.get(f"teacher_{name}", init.get(f"teacher_{name}"))
+        if isinstance(teacher, int | float):
+            ax.axhline(teacher, color="C3", ls="--", lw=1.2, label=f"teacher {teacher:.3g}")
+            ax.legend(fontsize=8)
+        lower = any(w in key for w in ("kl", "perplexity", "nll", "loss", "ece"))
+        ax.set_title(f"{key} ({'lower' if lower else 'higher'} is better)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("Student quality: at init, trained, and the teacher")
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
 RUN_PLOTS = [
     ("Training and validation losses", "losses.png", plot_losses),
     ("Gradient norms", "grad_norms.png", plot_grad_norms),
     ("Squeeze weights per layer", "squeeze_weights.png", plot_squeeze_weights),
+    ("Student quality at init, trained, and the teacher", "quality.png", plot_quality),
 ]
 
 
