@@ -26,6 +26,7 @@ def write_recipe(tmp_path, teacher, text_path, name: str = "recipe.yaml", **sect
         "student": {"from_teacher": {"layers": 2, "heads": 3}},
         "data": {"path": str(text_path), "seq_len": 32, "batch_size": 4, "val_batches": 2, "max_documents": 40},
         "train": {"max_steps": STEPS, "eval_every": 2, "warmup_steps": 1, "device": "cpu", "lr": 1e-3},
+        "distill": {"balance": "none"},  # SHD trains for encoders too (auto would turn it off there)
         "output_dir": str(out),
     }
     for key, value in sections.items():

@@ -106,7 +106,7 @@ def test_distill_step_with_relations_target_trains_qkv(kind, tiny_models, tiny_t
 
     data = {"teacher": str(tiny_models[kind]), "student": {"from_teacher": {"layers": 2, "heads": 3}},
             "data": {"path": str(tiny_text), "seq_len": 32, "batch_size": 4, "val_batches": 1},
-            "distill": {"target": "relations", "relation_heads": 0, "layers": {"last": 1}},
+            "distill": {"target": "relations", "relation_heads": 0, "layers": {"last": 1}, "balance": "none"},
             "train": {"max_steps": 2, "device": "cpu"}}
     setup = prepare(validate_recipe(data), Console(quiet=True))
     total, parts, _ = step_losses(setup, dict(setup.val_batches[0]))
