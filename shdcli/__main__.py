@@ -4,6 +4,7 @@ Importing the CLI loads torch and transformers, which takes seconds: a Ctrl-C th
 without this handler it would end in a KeyboardInterrupt traceback. cli.main() handles every later one.
 """
 
+import os
 import signal
 import sys
 from types import FrameType
@@ -11,7 +12,10 @@ from types import FrameType
 
 def _stopped_while_starting(signum: int, frame: FrameType | None) -> None:
     sys.stderr.write("stopped by SIGINT while starting; nothing was written; run the command again\n")
-    sys.exit(130)
+    sys.stderr.flush()
+    # os._exit, not sys.exit: the signal can land inside torch's C++ import code (pybind11), where a
+    # SystemExit becomes std::terminate and SIGABRT. Nothing is open or written yet: nothing to clean up.
+    os._exit(130)
 
 
 signal.signal(signal.SIGINT, _stopped_while_starting)

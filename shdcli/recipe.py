@@ -301,13 +301,13 @@ def _format_error(exc: ValidationError, source: str, overrides: dict[tuple, str]
     setting = _override_for(loc, overrides or {})
     if setting is not None:
         source = f"--set {setting!r}"
-    if err.get("input", ...) is None and kind != "missing":
-        return f"{source}: {_empty_message(loc, where, setting is not None)}"
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden":  # before the empty check: an unknown key left empty is still unknown
         valid = _section_fields(loc)
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         return f"{source}: unknown key {where!r}; {hint}valid keys here: {', '.join(valid)}"
+    if err.get("input", ...) is None and kind != "missing":
+        return f"{source}: {_empty_message(loc, where, setting is not None)}"
     if kind == "missing":
         return f"{source}: {where} is required; add it to the recipe"
     message = err["msg"].removeprefix("Value error, ")
