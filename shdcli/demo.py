@@ -67,24 +67,8 @@ def make_teacher(out: str | Path, data: str = "builtin:digits", hidden: int = 19
     stream = BatchStream(train, batch_size, seed)
     steps = max(1, epochs * math.ceil(len(train) / batch_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    warmup = max(1, steps // 10)
-
-    def factor(s: int) -> float:  # linear warm-up, cosine to 0
-        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     t0 = time.perf_counter()
-    model.train()
-    for step in range(1, steps + 1):
-        batch = stream.next()
-        loss = F.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        sched.step()
-        if step % 50 == 0 or step == steps:
-            log(f"make-teacher step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+    fine_tune(model, stream, optimizer, _warmup_cosine(optimizer, steps), steps, log, every=50)
     model.eval()
     acc = accuracy_metrics(model, eval_batches(val, 256), torch.device("cpu"))
     info = {"data": data, "train_images": len(train), "val_images": len(val), "val_fraction": val_fraction,
@@ -93,6 +77,25 @@ def make_teacher(out: str | Path, data: str = "builtin:digits", hidden: int = 19
     save_model_folder(model, processor, Path(out), {"shd_teacher.json": json.dumps(info, indent=2)})
     log(f"teacher written to {out}: val top-1 {acc['top1']:.4f} on {len(val)} held-out images")
     return info
+
+
+def fine_tune(model: torch.nn.Module, stream: BatchStream, optimizer: torch.optim.Optimizer,
+              sched: torch.optim.lr_scheduler.LambdaLR, steps: int, log, every: int) -> None:
+    """Cross entropy on a classifier's labels for `steps` batches (images or text: the batch's other keys are
+    the model's inputs), gradients clipped at 1; a log line every `every` steps."""
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        batch = stream.next()
+        labels = batch.pop("labels")
+        loss = F.cross_entropy(model(**batch).logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        sched.step()
+        if step % every == 0 or step == steps:
+            log(f"make-teacher step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
 
 
 def _warmup_cosine(optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -135,20 +138,8 @@ def make_text_classifier(out: str | Path, data: str = "builtin:tweets", steps: i
     train, held = part(train_idx), part(held_idx[:eval_rows])
     stream = BatchStream(train, batch_size, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = _warmup_cosine(optimizer, steps)
     t0 = time.perf_counter()
-    model.train()
-    for step in range(1, steps + 1):
-        batch = stream.next()
-        labels = batch.pop("labels")
-        loss = F.cross_entropy(model(**batch).logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        sched.step()
-        if step % 25 == 0 or step == steps:
-            log(f"make-teacher step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+    fine_tune(model, stream, optimizer, _warmup_cosine(optimizer, steps), steps, log, every=25)
     train_s = time.perf_counter() - t0
     model.eval()
     logits, labels = text_cls.predict(model, eval_batches(held, 64), "cpu")

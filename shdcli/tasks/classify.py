@@ -50,12 +50,25 @@ def classifier_logit_kd(distill, teacher: torch.nn.Module, student: torch.nn.Mod
     return True
 
 
-def classifier_losses(f) -> dict[str, torch.Tensor]:
-    """Task.losses of a classifier (f: tasks.base.Forwards): cross entropy on the labels and, with use_logit,
-    logit KD on the class logits with distill.logit_loss at distill.logit_temperature."""
-    d = f.distill
-    return classification_losses(f.student_out.logits, f.teacher_out.logits, f.batch["labels"], f.use_logit,
-                                 d.logit_temperature, kind=d.logit_loss, beta=d.jsd_beta)
+class ClassifierLosses:
+    """The Task methods every classifier shares (image and text): logit KD on the class logits, cross entropy
+    on the labels, one row per label in the validation means."""
+
+    def uses_logit_kd(self, distill, teacher: torch.nn.Module, student: torch.nn.Module) -> bool:
+        return classifier_logit_kd(distill, teacher, student)
+
+    def fuses_heads(self, distill) -> bool:
+        return False
+
+    def losses(self, f) -> dict[str, torch.Tensor]:
+        """Cross entropy on the labels and, with use_logit, logit KD on the class logits with distill.logit_loss
+        at distill.logit_temperature (f: tasks.base.Forwards)."""
+        d = f.distill
+        return classification_losses(f.student_out.logits, f.teacher_out.logits, f.batch["labels"], f.use_logit,
+                                     d.logit_temperature, kind=d.logit_loss, beta=d.jsd_beta)
+
+    def batch_weight(self, batch: dict[str, torch.Tensor]) -> float:
+        return float(len(batch["labels"]))
 
 
 def class_kl(reference: torch.Tensor, output: torch.Tensor) -> float:

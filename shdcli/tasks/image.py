@@ -36,11 +36,10 @@ from torch import nn
 from shdcli.errors import ShdError
 from shdcli.models.sources import count_parameters, resolve_source
 from shdcli.report import write_json_atomic
-from shdcli.tasks.base import IMAGE_CLASSIFICATION, Batch, Forwards, HeldOut, QualityInputs, model_inputs
+from shdcli.tasks.base import IMAGE_CLASSIFICATION, Batch, HeldOut, QualityInputs, model_inputs
 from shdcli.tasks.classify import (
+    ClassifierLosses,
     class_kl,
-    classifier_logit_kd,
-    classifier_losses,
     confusion_matrix,
     plot_confusion,
     topk_accuracy,
@@ -462,7 +461,7 @@ IMAGE_DATA = "builtin:digits"  # default samples of `shd inspect-heads` for imag
 CLASSIFIER_SUFFIXES = ("ForImageClassification", "ForImageClassificationWithTeacher")
 
 
-class ImageClassification:
+class ImageClassification(ClassifierLosses):
     name = IMAGE_CLASSIFICATION
     packed = False
     ddp_find_unused = True
@@ -488,18 +487,6 @@ class ImageClassification:
 
     def row_mask(self, batch: Batch) -> torch.Tensor | None:
         return None  # no padding: every row (CLS included) counts
-
-    def uses_logit_kd(self, distill, teacher: nn.Module, student: nn.Module) -> bool:
-        return classifier_logit_kd(distill, teacher, student)
-
-    def fuses_heads(self, distill) -> bool:
-        return False
-
-    def losses(self, f: Forwards) -> dict[str, torch.Tensor]:
-        return classifier_losses(f)
-
-    def batch_weight(self, batch: Batch) -> float:
-        return float(len(batch["labels"]))
 
     def validation_extras(self, student: nn.Module, val_batches: list[Batch], device, losses: dict) -> dict:
         return {"val_top1": accuracy_metrics(student, val_batches, device)["top1"]}

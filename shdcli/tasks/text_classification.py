@@ -36,11 +36,10 @@ from torch import nn
 
 from shdcli.errors import ShdError
 from shdcli.models.families import causal_model_types
-from shdcli.tasks.base import SEQUENCE_CLASSIFICATION, Batch, Forwards, HeldOut, QualityInputs, model_inputs
+from shdcli.tasks.base import SEQUENCE_CLASSIFICATION, Batch, HeldOut, QualityInputs, model_inputs
 from shdcli.tasks.classify import (
+    ClassifierLosses,
     class_kl,
-    classifier_logit_kd,
-    classifier_losses,
     classifier_metrics,
     confusion_matrix,
     plot_confusion,
@@ -316,7 +315,7 @@ def check_decoder_padding(config, field: str = "teacher.path") -> None:
 
 
 # --------------------------------------------------------------------------- the task
-class SequenceClassification(TextTask):
+class SequenceClassification(ClassifierLosses, TextTask):
     name = SEQUENCE_CLASSIFICATION
     packed = False
     ddp_find_unused = True  # e.g. a BERT classifier's token_type embeddings rows a batch never reads
@@ -345,18 +344,6 @@ class SequenceClassification(TextTask):
         train = encode(preprocessor, texts, pairs, ids, d.seq_len, pad)
         held = encode(preprocessor, *data.part("held"), d.seq_len, pad)
         return train, eval_batches(held, d.batch_size * world, d.val_batches)
-
-    def uses_logit_kd(self, distill, teacher: nn.Module, student: nn.Module) -> bool:
-        return classifier_logit_kd(distill, teacher, student)
-
-    def fuses_heads(self, distill) -> bool:
-        return False
-
-    def losses(self, f: Forwards) -> dict[str, torch.Tensor]:
-        return classifier_losses(f)
-
-    def batch_weight(self, batch: Batch) -> float:
-        return float(len(batch["labels"]))
 
     def validation_extras(self, student: nn.Module, val_batches: list[Batch], device, losses: dict) -> dict:
         logits, labels = predict(student, val_batches, device)
