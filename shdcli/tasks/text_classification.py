@@ -19,7 +19,7 @@ The held-out split is fixed: a row is held out when crc32("0:" + text [+ "\\t" +
 never straddle the split, and `shd make-demo-teacher text-classifier` trains on the same training
 rows a recipe does. fraction = data.val_fraction for files; for the builtins it is fixed at
 BUILTIN_HELDOUT = 0.1 (data.val_fraction is ignored), so no recipe ever trains on their held-out rows
-(builtin:bbc-news: 229 of 2,225 articles; builtin:tweets: 3,984 of 38,158 tweets). Held-out rows are
+(builtin:bbc-news: 220 of 2,225 articles; builtin:tweets: 3,984 of 38,158 tweets). Held-out rows are
 kept in hash order, so any prefix of them (data.val_batches, data.eval_tokens) is a fair sample.
 """
 
