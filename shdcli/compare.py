@@ -15,6 +15,7 @@ from rich.table import Table
 
 from shdcli.errors import ShdError
 from shdcli.plots import plot_validation_overlay
+from shdcli.recipe import flat_keys
 
 
 @dataclass
@@ -40,16 +41,6 @@ def load_run(folder: Path) -> dict:
         raise ShdError(f"RUN_DIR: {path} is not valid JSON; was the run's output folder edited?") from None
 
 
-def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def run_names(folders: list[Path]) -> list[str]:
     """Folder names, or whole paths where two runs share a name."""
     names = [Path(f).name or str(f) for f in folders]
@@ -67,7 +58,7 @@ def compare_runs(folders: list[Path]) -> Comparison:
                            f"{teacher}); compare runs of one teacher")
     names = run_names(folders)
     result = Comparison(names, runs=list(zip(names, metrics)))
-    recipes = [flatten(m["recipe"]) for m in metrics]
+    recipes = [flat_keys(m["recipe"]) for m in metrics]
     for key in dict.fromkeys(k for r in recipes for k in r):
         values = [r.get(key) for r in recipes]  # a key a run lacks (an older shd): null
         if key != "output_dir" and any(json.dumps(v) != json.dumps(values[0]) for v in values):

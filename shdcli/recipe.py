@@ -231,6 +231,17 @@ class Recipe(Section):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def flat_keys(data: dict, prefix: str = "") -> dict[str, Any]:
+    """A (resolved) recipe as dotted keys: {"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 # --------------------------------------------------------------------------- loading
 def _section_fields(loc: tuple) -> list[str]:
     """Field names valid at a location, for 'did you mean' suggestions."""

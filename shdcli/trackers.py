@@ -27,7 +27,7 @@ from typing import Any
 
 from shdcli.callbacks import Callback, LoopState
 from shdcli.errors import ShdError
-from shdcli.recipe import Recipe
+from shdcli.recipe import Recipe, flat_keys
 from shdcli.report import write_text_atomic
 
 LOGS = "logs"
@@ -161,14 +161,9 @@ def _tag(line: dict, key: str) -> str:
     return {"step": "train", "final": "final"}[line["kind"]] + "/" + key
 
 
-def _flat_recipe(data: dict, prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat_recipe(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value) if not isinstance(value, str) else value
-    return out
+def _flat_recipe(data: dict) -> dict[str, str]:
+    """The recipe's dotted keys with values as text (trackers store strings; non-strings as JSON)."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in flat_keys(data).items()}
 
 
 class TensorBoardLogger(Logger):
