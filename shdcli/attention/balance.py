@@ -171,8 +171,8 @@ class PartGradients:
 
 def adjust_shd_gradient(mode: str, shd: list[torch.Tensor | None], rest: list[torch.Tensor | None],
                         n_student: int, fraction: float, agreement: Agreement | None = None
-                        ) -> tuple[list[torch.Tensor | None], float, float | None]:
-    """(the SHD gradient to add, the scale applied to it, cos(g_shd, g_rest)) for a balance mode.
+                        ) -> tuple[list[torch.Tensor | None], float, float | None, float]:
+    """(the SHD gradient to add, the scale applied to it, cos(g_shd, g_rest), ||g_rest||) for a balance mode.
 
     shd, rest: gradient lists over all trainable parameters; norms and inner products are taken on the
     first n_student (the student's; a projector's follow and have no rest gradient).
@@ -195,7 +195,7 @@ def adjust_shd_gradient(mode: str, shd: list[torch.Tensor | None], rest: list[to
         shd = sum_grads(shd, list(rest[:n_student]) + [None] * (len(shd) - n_student), -dot / rest_norm**2)
     if scale != 1.0:
         shd = [None if g is None else g * scale for g in shd]
-    return shd, scale, cosine
+    return shd, scale, cosine, rest_norm
 
 
 def _add_into(params: list[torch.Tensor], grads: list[torch.Tensor | None], factor: float) -> None:
@@ -235,9 +235,9 @@ def backward_terms(terms: dict[str, torch.Tensor], params: list[torch.Tensor], n
         if reduce is not None:
             grads = reduce(grads, params)
         if name == "shd":
-            grads, out.scale, out.cosine = adjust_shd_gradient(mode, grads, rest, n_student, fraction, agreement)
+            grads, out.scale, out.cosine, rest_norm = adjust_shd_gradient(mode, grads, rest, n_student, fraction,
+                                                                          agreement)
             record(name, grads)
-            rest_norm = float(global_norm(rest[:n_student]))
             out.ratio = out.norms["shd"] / rest_norm if rest_norm > 0 else None
         else:
             record(name, grads)
