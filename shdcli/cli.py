@@ -269,14 +269,16 @@ def make_demo_teacher(
     data: Annotated[str | None, typer.Option(help="vit-digits: images (builtin:digits, an image folder, .npz or a "
                                              "datasets folder); text-classifier: labelled rows (builtin:tweets, "
                                              "builtin:bbc-news, .jsonl / .csv with text and label).")] = None,
-    hidden: Annotated[int, typer.Option(help="vit-digits: width.")] = 192,
+    hidden: Annotated[int | None, typer.Option(help="vit-digits, dit-digits: width (default 192, 96).")] = None,
     heads_: Annotated[int, typer.Option("--heads", help="vit-digits: attention heads per layer.")] = 12,
     layers: Annotated[int, typer.Option(help="vit-digits: transformer blocks.")] = 4,
     intermediate: Annotated[int, typer.Option(help="vit-digits: MLP width.")] = 384,
     image_size: Annotated[int, typer.Option("--image-size", help="vit-digits: input image side.")] = 16,
-    patch_size: Annotated[int, typer.Option("--patch-size", help="vit-digits: patch side.")] = 4,
+    patch_size: Annotated[int | None, typer.Option("--patch-size", help="vit-digits, dit-digits: patch side "
+                                                   "(default 4, 2).")] = None,
     epochs: Annotated[int, typer.Option(help="vit-digits: passes over the training images.")] = 20,
-    steps: Annotated[int, typer.Option(help="text-classifier: optimizer steps.")] = 300,
+    steps: Annotated[int | None, typer.Option(help="text-classifier, dit-digits: optimizer steps (default 300, "
+                                              "3000).")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="text-classifier: tokens per row (longer rows are "
                                          "cut).")] = 64,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Rows per step (default 64 images, "
@@ -291,12 +293,16 @@ def make_demo_teacher(
     threads: Annotated[int, typer.Option(help="torch CPU threads; 0 = torch's default.")] = 1,
 ) -> None:
     """Train a small demo teacher offline (vit-digits: a ViT image classifier on scikit-learn's digits;
-    text-classifier: all-MiniLM-L6-v2 fine-tuned on labelled text, default tweet sentiment)."""
+    dit-digits: a class-conditional DiT generating the digits (--hidden, --heads, --layers, --patch-size,
+    --steps); text-classifier: all-MiniLM-L6-v2 fine-tuned on labelled text, default tweet sentiment)."""
     if kind not in demo.DEMO_TEACHERS:
         raise ShdError(f"KIND: {kind!r} is not a demo teacher; choose one of {', '.join(demo.DEMO_TEACHERS)}")
-    text = kind == "text-classifier"
+    text, dit = kind == "text-classifier", kind == "dit-digits"
     batch_size = batch_size if batch_size is not None else (16 if text else 64)
-    lr = lr if lr is not None else (1e-4 if text else 2e-3)
+    lr = lr if lr is not None else (1e-4 if text else 1e-3 if dit else 2e-3)
+    steps = steps if steps is not None else (3000 if dit else 300)
+    hidden = hidden if hidden is not None else (96 if dit else 192)
+    patch_size = patch_size if patch_size is not None else (2 if dit else 4)
     val_fraction = val_fraction if val_fraction is not None else (0.1 if text else 0.25)
     if min(hidden, heads_, layers, intermediate, image_size, patch_size, epochs, steps, batch_size) < 1 or lr <= 0:
         raise ShdError("--hidden, --heads, --layers, --intermediate, --image-size, --patch-size, --epochs, --steps, "
@@ -307,11 +313,15 @@ def make_demo_teacher(
         raise ShdError(f"--seq-len: {seq_len} leaves no room for text after [CLS] and [SEP]; give at least 4")
     if hidden % heads_:
         raise ShdError(f"--hidden: {hidden} is not divisible by --heads {heads_}; give a multiple of the heads")
-    if image_size % patch_size:
+    if image_size % patch_size and not dit:
         raise ShdError(f"--patch-size: {patch_size} does not divide --image-size {image_size}")
     if not 0 < val_fraction < 1:
         raise ShdError(f"--val-fraction: {val_fraction} must be between 0 and 1")
     _threads(threads)
+    if dit:
+        demo.make_dit_teacher(out, data or "builtin:digits", hidden, heads_, layers, patch_size, steps, batch_size,
+                              lr, val_fraction, seed, 0, log=console.print)
+        return
     if text:
         demo.make_text_classifier(out, data or "builtin:tweets", steps=steps, batch_size=batch_size, lr=lr,
                                   seq_len=seq_len, val_fraction=val_fraction, seed=seed, eval_rows=eval_rows,

@@ -194,9 +194,11 @@ class TrainSpec(Section):
 
 
 class Recipe(Section):
-    task: Literal["auto", "causal-lm", "encoder", "image-classification", "sequence-classification"] = Field(
+    task: Literal["auto", "causal-lm", "encoder", "image-classification", "sequence-classification",
+                  "diffusion"] = Field(
         "auto", description="auto: from the teacher config's architectures (*ForCausalLM, *ForImageClassification, "
-        "*ForSequenceClassification); encoder: distil the backbone of a model whose head shd does not distil"
+        "*ForSequenceClassification, diffusers DiTTransformer2DModel); encoder: distil the backbone of a model whose "
+        "head shd does not distil; diffusion: a DiT (pip install 'shd[diffusion]')"
     )
     teacher: TeacherSpec
     student: StudentSpec

@@ -136,6 +136,12 @@ class AttentionRecorder:
 _ACTIVE: contextvars.ContextVar[AttentionRecorder | None] = contextvars.ContextVar("shd_recorder", default=None)
 
 
+def active_recorder() -> AttentionRecorder | None:
+    """The recorder of the forward pass running now (None outside `AttentionRecorder.active`): what capture
+    paths outside the AttentionInterface (attention/processors.py) hand their q/k/v to."""
+    return _ACTIVE.get()
+
+
 @functools.cache
 def _hf():
     """transformers' attention registries and SDPA path, imported on first use: importing them pulls in

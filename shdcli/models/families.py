@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from shdcli.attention import capture
+from shdcli.attention import capture, processors
 from shdcli.errors import ShdError, article
 
 
@@ -50,12 +50,16 @@ class Family:
     head_dim_fixed: bool = False  # head_dim is a config field (stays when heads drop) vs width / heads
     positions: str = "rotary"  # rotary | learned absolute | ... (rotary changes the q/k init)
     norm: str = "RMSNorm"
-    capture: str = "interface"  # interface (transformers.AttentionInterface) | falcon (projection hooks)
+    # interface (transformers.AttentionInterface) | falcon (projection hooks) | processor (diffusers processors)
+    capture: str = "interface"
     notes: str = ""
     kv_heads: Callable[[object], int] | None = None  # irregular KV head counts (Falcon)
     gguf: tuple[str, bool, bool] | None = None  # shd export: (GGUF architecture, q/k rope permutation, norm + 1)
     final_norm: str | None = None  # the norm before the LM head, inside the base model (Gemma: x (1 + w))
     norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma 1
+    # every tensor axis of the model's width is one plain channel axis, so a narrower student copies the kept
+    # channels of it (False: DiT's adaLN-Zero modulation stacks 6 width-sized chunks on one axis)
+    width_copy: bool = True
 
     def layout_of(self, config) -> str:
         return self.layout(config) if callable(self.layout) else self.layout
@@ -126,7 +130,16 @@ FAMILIES: tuple[Family, ...] = (
     Family("DeiT", ("deit",), "DeiTForImageClassification", **_VIT_LIKE),
 )
 
-_BY_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
+# Families outside transformers: diffusers transformers (task: diffusion, tasks/diffusion.py wraps them in an
+# HF-style config), captured through diffusers' attention processors. Not in README's generated transformers table.
+DIFFUSERS_FAMILIES: tuple[Family, ...] = (
+    Family("DiT (diffusers)", ("dit",), "DiTTransformer2DModel", blocks="transformer_blocks", q="attn1.to_q",
+           k="attn1.to_k", v="attn1.to_v", o="attn1.to_out.0", mlp_down="ff.net.2", kv_field=None,
+           positions="sin-cos absolute (patches)", norm="LayerNorm + adaLN-Zero", capture="processor",
+           width_copy=False, notes="diffusers DiTTransformer2DModel; pip install 'shd[diffusion]'"),
+)
+
+_BY_TYPE: dict[str, Family] = {t: f for f in (*FAMILIES, *DIFFUSERS_FAMILIES) for t in f.model_types}
 
 
 def _text_config(config):
@@ -440,6 +453,10 @@ def enable_capture(model: nn.Module) -> None:
     family = family_of(model.config)
     if family.capture == "interface":
         capture.enable(model)
+        return
+    if family.capture == "processor":  # diffusers: each block's attention module gets the recording processor
+        assert family.q is not None
+        processors.enable([_module(block, family.q.rsplit(".", 1)[0]) for block in decoder_layers(model)])
         return
     sites = []
     shape = model_shape(model.config)

@@ -52,6 +52,7 @@ from shdcli.models.families import (
     decoder_layers,
     derive_student_config,
     embedding_scale,
+    family_of,
     final_norm,
     is_rotary,
     mlp_in_fused,
@@ -180,8 +181,9 @@ def student_config(teacher_config, teacher_layers: list[int], shape: StudentShap
 
 
 def build_student(teacher: nn.Module, config, task: str) -> nn.Module:
-    """A freshly initialised student of `config` for `task`, in the teacher's dtype."""
-    return build_model(config, task, like=teacher)
+    """A freshly initialised student of `config` for `task`, in float32: the trained master weights, whatever
+    dtype the teacher is loaded in (teacher.teacher_dtype; a bf16 teacher's values are copied exactly)."""
+    return build_model(config, task)
 
 
 def config_counter(teacher: nn.Module, task: str) -> Callable[[StudentShape], int]:
@@ -289,6 +291,10 @@ def contiguous_layout(t_shape: ModelShape, plan: tuple[list[int], list[list[int]
 def init_from_teacher(student: nn.Module, teacher: nn.Module, d: Derivation) -> None:
     """Copy the teacher into the student along a Derivation (module docstring)."""
     t_shape, s_shape = model_shape(teacher.config), model_shape(student.config)
+    if d.channels is not None and not family_of(teacher.config).width_copy:
+        raise ShdError(f"student.from_teacher.hidden_size: {family_of(teacher.config).name} stacks several "
+                       "width-sized chunks on one axis, so a narrower student cannot copy the teacher's channels; "
+                       "set student.from_teacher.init: random, or keep the teacher's width")
     t_blocks, s_blocks = decoder_layers(teacher), decoder_layers(student)
     t_prefix, s_prefix = _module_name(teacher, t_blocks), _module_name(student, s_blocks)
     rotary = is_rotary(teacher.config)

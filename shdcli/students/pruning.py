@@ -168,7 +168,10 @@ def uniform_layers(teacher_layers: int, student_layers: int) -> list[int]:
 
 # --------------------------------------------------------------------------- width importance
 def _is_norm(module: nn.Module, width: int) -> bool:
+    """A norm over the model's width: with a [D] scale, or a LayerNorm without one (DiT's adaLN-Zero blocks)."""
     weight = getattr(module, "weight", None)
+    if isinstance(module, nn.LayerNorm) and weight is None:
+        return tuple(module.normalized_shape) == (width,)
     return ("norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor)
             and weight.dim() == 1 and weight.numel() == width)
 

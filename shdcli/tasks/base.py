@@ -21,6 +21,7 @@ from torch import nn
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
 IMAGE_CLASSIFICATION = "image-classification"
+DIFFUSION = "diffusion"
 SEQUENCE_CLASSIFICATION = "sequence-classification"
 
 Batch = dict[str, torch.Tensor]
@@ -81,8 +82,13 @@ class Task(Protocol):
     def matches(self, config) -> bool:
         """Whether an HF config (architectures, model_type) is this kind of model."""
 
+    def folder_config(self, folder: Path, field: str) -> Any | None:
+        """The config of a model folder this task reads itself (not a transformers folder: a diffusers DiT),
+        else None (transformers' AutoConfig reads it)."""
+
     def auto_class(self) -> type:
-        """The transformers Auto class models of this task load into and are built from."""
+        """The transformers Auto class models of this task load into and are built from (from_pretrained,
+        from_config); a task with its own folders gives a class with the same two constructors."""
 
     def load_preprocessor(self, folder, config, field: str, trust_remote_code: bool) -> object | None:
         """The tokenizer or image processor saved beside the weights (None: there is none)."""

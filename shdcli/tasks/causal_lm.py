@@ -40,6 +40,9 @@ class CausalLM(TextTask):
             return True
         return not archs and getattr(config, "model_type", "") in CAUSAL_MODEL_TYPES
 
+    def folder_config(self, folder, field: str) -> None:
+        return None  # transformers folders: AutoConfig reads them
+
     def auto_class(self) -> type:
         from transformers import AutoModelForCausalLM
 

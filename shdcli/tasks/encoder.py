@@ -38,6 +38,9 @@ class Encoder(TextTask):
         # encoder with its head dropped; registry.task_of refuses it unless `task: encoder` is set.
         return head_of(config) is None
 
+    def folder_config(self, folder, field: str) -> None:
+        return None  # transformers folders: AutoConfig reads them
+
     def auto_class(self) -> type:
         from transformers import AutoModel
 

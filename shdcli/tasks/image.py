@@ -471,6 +471,9 @@ class ImageClassification(ClassifierLosses):
     def matches(self, config) -> bool:
         return any(a.endswith(CLASSIFIER_SUFFIXES) for a in getattr(config, "architectures", None) or [])
 
+    def folder_config(self, folder, field: str) -> None:
+        return None  # transformers folders: AutoConfig reads them
+
     def auto_class(self) -> type:
         from transformers import AutoModelForImageClassification
 

@@ -15,6 +15,7 @@ from shdcli.models.families import family_of
 from shdcli.models.sources import check_weight_files, load_weights, read_config
 from shdcli.tasks.base import ENCODER, Task
 from shdcli.tasks.causal_lm import CausalLM
+from shdcli.tasks.diffusion import Diffusion
 from shdcli.tasks.encoder import Encoder, head_of
 from shdcli.tasks.image import ImageClassification
 from shdcli.tasks.text_classification import SequenceClassification
@@ -22,7 +23,7 @@ from shdcli.tasks.text_classification import SequenceClassification
 # In detection order: the first task whose matches(config) is true is a model's task (encoder last: the
 # fallback for bare backbones; a head no task distils matches none and is refused by task_of).
 TASKS: dict[str, Task] = {t.name: t for t in (ImageClassification(), CausalLM(), SequenceClassification(),
-                                              Encoder())}
+                                              Diffusion(), Encoder())}
 
 
 def get(name: str) -> Task:
@@ -60,11 +61,17 @@ def load_model(
     only unless allow_pickle. A head no task distils is refused unless `task` names one or backbone_ok
     (task_of)."""
     has_safetensors = check_weight_files(folder, field, allow_pickle)
-    config = read_config(folder, field, trust_remote_code)
+    config = folder_config(folder, field) or read_config(folder, field, trust_remote_code)
     family_of(config, field)  # a family the table does not know is refused here, before loading weights
     kind = get(task or task_of(config, field, backbone_ok))
     model = load_weights(folder, field, kind.auto_class(), has_safetensors, allow_pickle, trust_remote_code)
     return model, kind.load_preprocessor(folder, model.config, field, trust_remote_code), kind.name
+
+
+def folder_config(folder: Path, field: str):
+    """The config of a folder a task reads itself rather than through transformers' AutoConfig (a diffusers
+    DiT: tasks/diffusion.py), else None."""
+    return next((c for t in TASKS.values() if (c := t.folder_config(folder, field)) is not None), None)
 
 
 def build_model(config, task: str, like: nn.Module) -> nn.Module:

@@ -328,6 +328,9 @@ class SequenceClassification(ClassifierLosses, TextTask):
     def matches(self, config) -> bool:
         return any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
 
+    def folder_config(self, folder, field: str) -> None:
+        return None  # transformers folders: AutoConfig reads them
+
     def auto_class(self) -> type:
         from transformers import AutoModelForSequenceClassification
 
