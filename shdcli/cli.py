@@ -24,7 +24,6 @@ from shdcli.checkpoint import Interrupted, left_after_interrupt  # noqa: E402
 from shdcli.errors import ShdError  # noqa: E402
 from shdcli.recipe import load_recipe  # noqa: E402
 from shdcli.report import destination, probe_writable, write_failure, write_json_atomic  # noqa: E402
-from shdcli.tasks import image  # noqa: E402
 from shdcli.train import run_distillation  # noqa: E402
 
 app = typer.Typer(
@@ -201,7 +200,7 @@ def eval_(
     _check_out(out)
     _threads(threads)
     names = [student[0], *(compare or []), *student[1:]]
-    # Image classifiers: top-1/top-5, confusion PNG, size, latency (tasks/image.py); None for text models.
+    # Image classifiers (top-1/top-5, confusion PNG, size, latency) and DiTs (denoising, samples); None for text.
     result = evaluate.eval_command(names, teacher, data, out, batch_size or 64, split)
     is_image = result is not None
     if not is_image:
@@ -216,7 +215,7 @@ def eval_(
     if json_:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
-        console.print(image.format_eval(result) if is_image else evaluate.eval_table(result))
+        console.print(evaluate.format_folder_eval(result) if is_image else evaluate.eval_table(result))
         for note in result["notes"]:
             console.print(f"[dim]note: {note}[/dim]")
 

@@ -34,9 +34,9 @@ from shdcli.models.mapping import Plan, feature_bases, make_plan
 from shdcli.models.sources import count_parameters, resolve_source, run_info
 from shdcli.tasks.base import HeldOut, QualityInputs
 from shdcli.tasks.data import TokenBlocks, eval_batches, read_documents, same_tokens, tokenize
-from shdcli.tasks.image import eval_hook, is_image_classifier
+from shdcli.tasks.image import eval_hook, format_eval, is_image_classifier
+from shdcli.tasks.registry import folder_config, load_model, task_of
 from shdcli.tasks.registry import get as get_task
-from shdcli.tasks.registry import load_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -364,6 +364,11 @@ def eval_command(names: list[str], teacher: str | None, data: str | None, out: P
     the confusion PNGs go to the folder of --out, else to <student>_eval next to the student folder.
     """
     folder = resolve_source(names[0], "STUDENT")
+    own = folder_config(folder, "STUDENT")  # a folder its task reads itself (a diffusers DiT): that task scores it
+    if own is not None:
+        if len(names) > 1:
+            raise ShdError("--compare: models of this kind are evaluated one at a time; run shd eval once per model")
+        return get_task(task_of(own, "STUDENT")).evaluate_folder(folder, teacher, data, out.parent if out else None)
     if not is_image_classifier(folder):
         return None
     if len(names) > 1:
@@ -389,6 +394,11 @@ def eval_command(names: list[str], teacher: str | None, data: str | None, out: P
                         label_field=run_data.get("label_field", "label") if same_data else "label")
     results["notes"] = notes
     return results
+
+
+def format_folder_eval(result: dict) -> str:
+    """The lines `shd eval` prints for a model scored by eval_command: its task's summary, else a classifier's."""
+    return result["summary"] if "summary" in result else format_eval(result)
 
 
 # --------------------------------------------------------------------------- rendering

@@ -135,6 +135,9 @@ class Task(Protocol):
     def output_distance(self, reference: torch.Tensor, output: torch.Tensor, batch: Batch) -> float:
         """Mean distance of a pruned model's output to the full teacher's."""
 
+    # Tasks whose folders folder_config reads (a diffusers DiT) also score them in `shd eval`:
+    #   evaluate_folder(folder, teacher, data, out_dir) -> dict with a printable "summary".
+
     def inspect_batches(self, folder, preprocessor, data: str | None, samples: int, seq_len: int,
                         batch_size: int, max_positions: int | None) -> tuple[list[Batch], str, object | None]:
         """(batches, data label, tokenizer that labels the sample's tokens or None) for `shd inspect-heads`."""

@@ -638,6 +638,10 @@ class Diffusion:
     def output_distance(self, reference: torch.Tensor, output: torch.Tensor, batch: Batch) -> float:
         return float(F.mse_loss(output, reference))
 
+    def evaluate_folder(self, folder: Path, teacher: str | None, data: str | None, out_dir: Path | None) -> dict:
+        """`shd eval` of a DiT student folder (module-level evaluate_folder)."""
+        return evaluate_folder(folder, teacher, data, out_dir)
+
     def inspect_batches(self, folder, preprocessor, data, samples, seq_len, batch_size, max_positions):
         """Held-out images noised to one timestep (`--data SOURCE@t=T`, default t=INSPECT_TIMESTEP), fixed noise."""
         source, t = parse_inspect_data(data)
