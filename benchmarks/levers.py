@@ -67,7 +67,7 @@ def _merge(base: dict, extra: dict) -> dict:
 def _runner(base: dict, mode: str, loaded: tuple, console: Console):
     recipe = validate_recipe(_merge(base, MODES[mode]), f"levers {mode}")
     setup = train.prepare(recipe, console, loaded)
-    setup.teacher_cache = {}  # teacher forward once per batch: the student's step is what differs
+    setup.teacher_memo = {}  # teacher forward once per batch: the student's step is what differs
     opt = train.make_optimizer(setup.student, recipe, setup.projector)
     return setup, BatchStream(setup.train_blocks, recipe.data.batch_size, 0), opt, train.make_scheduler(opt, recipe)
 

@@ -248,7 +248,6 @@ def memory_modes(cfg: Config, seq_len: int, batch_size: int, modes, device: torc
     modes also "<impl>_loss": the peak of the SHD loss alone (forward + backward to the student's q, k),
     above the captured records, which is what the implementation itself costs."""
     from shdcli.attention.losses import shd_loss
-    from shdcli.train import teacher_forward
 
     setup = build(cfg, seq_len, device)
     batch = make_batch(cfg, batch_size, seq_len, device)
@@ -263,7 +262,7 @@ def memory_modes(cfg: Config, seq_len: int, batch_size: int, modes, device: torc
         out[m] = meter.peak()
     optimizer.zero_grad(set_to_none=True)
     for impl in [m for m in modes if m in ("lean", "naive")]:
-        _, t_records = teacher_forward(setup, batch)
+        _, t_records = setup.teacher_forward(batch)
         with setup.student_recorder.active():
             setup.student(**batch)
             s_records = dict(setup.student_recorder.records)

@@ -4,7 +4,7 @@ For each setting and seed, every method trains a student from the same initialis
 from the teacher, deterministic), on the same batches (the seed fixes the data order and the
 train/validation split) for the same number of steps; only the recipe overrides of the method
 differ. The teacher is loaded once per setting and its forward passes are memoised per seed
-(train.Setup.teacher_cache), so every method sees bit-identical teacher outputs and the teacher
+(train.Setup.teacher_memo, shdcli/teacher.py), so every method sees bit-identical teacher outputs and the teacher
 costs one pass per batch instead of one per method.
 
 Reported per method: mean over seeds with a 95% t-interval, and the paired (by seed) difference to
@@ -254,7 +254,7 @@ def evaluate_run(setup: train.Setup) -> dict[str, float]:
     for batch in setup.val_batches:
         batch = {k: v.to(setup.device) for k, v in batch.items()}
         mask = batch["attention_mask"]
-        t_out, t_rec = train.teacher_forward(setup, batch)
+        t_out, t_rec = setup.teacher_forward(batch)
         with setup.student_recorder.active():
             s_out = setup.student(**batch)
             s_rec = dict(setup.student_recorder.records)
@@ -286,7 +286,7 @@ def train_one(recipe_data: dict, loaded: tuple, cache: dict, eval_every: int, co
     given), the per-part gradient norms it measured and its training time per step."""
     recipe = validate_recipe(recipe_data, "benchmark recipe")
     setup = train.prepare(recipe, console, loaded)
-    setup.teacher_cache = cache
+    setup.teacher_memo = cache
     stream = BatchStream(setup.train_blocks, recipe.data.batch_size, recipe.train.seed)
     optimizer = train.make_optimizer(setup.student, recipe, setup.projector)
     scheduler = train.make_scheduler(optimizer, recipe)
@@ -317,9 +317,9 @@ def train_one(recipe_data: dict, loaded: tuple, cache: dict, eval_every: int, co
 
 # --------------------------------------------------------------------------- the benchmark
 class BoundedMemo(dict):
-    """The teacher memo (train.Setup.teacher_cache) with a size budget: batches are kept while the kept
+    """The teacher memo (train.Setup.teacher_memo) with a size budget: batches are kept while the kept
     tensors total under `budget` bytes (validation batches come first: they repeat most); beyond it
-    the newest entry alone is held, so train.teacher_forward's insert-then-read still works and the
+    the newest entry alone is held, so teacher.teacher_forward's insert-then-read still works and the
     teacher simply runs again next time. A causal teacher's logits are B x N x V floats per batch
     (SmolLM2, 4 x 128: 100 MB), so an unbounded memo of a 300-step run would not fit in RAM."""
 

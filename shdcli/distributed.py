@@ -5,6 +5,8 @@ LOCAL_RANK (and MASTER_ADDR/PORT) set; `init()` joins them into one process grou
 gloo on CPU). Without that environment everything here is a no-op and a run is a plain process.
 
 Layout of a run with world W and data.batch_size B:
+  - rank 0 alone reads the weight files: the other ranks build the teacher (and a given student) on the
+    meta device and receive rank 0's tensors (`broadcast_replica`; an FSDP student: `receive_shards`);
   - every rank holds the whole teacher in inference mode (no gradients, nothing to synchronise);
   - the student is wrapped in DDP (a full replica per rank, gradients all-reduced in backward) or
     sharded with FSDP2 `fully_shard` (parameters, gradients and Adam states split W ways);
@@ -181,6 +183,78 @@ def as_float(value: torch.Tensor) -> float:
     return float(value)
 
 
+# --------------------------------------------------------------------------- weights from rank 0
+def from_rank0() -> bool:
+    """Whether this rank builds its models on the meta device and receives rank 0's weights (rank != 0 under
+    torchrun): only rank 0 reads the weight files, so host RAM per rank stays one copy of each model."""
+    return _INFO.enabled and not _INFO.is_main
+
+
+def _comm_device() -> torch.device:
+    """Where a broadcast buffer must live: nccl moves CUDA tensors only, gloo CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters then buffers, tied ones once. Non-persistent buffers (rotary tables) are included: they
+    are in no state dict, and a meta-built model's are empty."""
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def _check_same_tensors(model: nn.Module) -> None:
+    """Every rank's model names the same tensors in the same order as rank 0's (a mismatch would
+    otherwise hang or garble the broadcasts below)."""
+    names = [[(name, tuple(t.shape), str(t.dtype)) for name, t in _tensors(model)] if _INFO.is_main else None]
+    dist.broadcast_object_list(names, src=0)
+    mine = [(name, tuple(t.shape), str(t.dtype)) for name, t in _tensors(model)]
+    if mine != names[0]:
+        raise RuntimeError(f"rank {_INFO.rank}: its meta-built model differs from rank 0's loaded model "
+                           f"({len(mine)} vs {len(names[0])} tensors)")
+
+
+def _broadcast_tensors(named: list[tuple[str, torch.Tensor]]) -> None:
+    """rank 0's values into every rank's tensors, one tensor at a time (a CUDA staging copy under nccl)."""
+    where = _comm_device()
+    for _, tensor in named:
+        buf = tensor.detach().to(where)  # the tensor itself when it already lives there
+        dist.broadcast(buf, src=0)
+        if buf.data_ptr() != tensor.data_ptr():
+            tensor.detach().copy_(buf)
+
+
+def broadcast_replica(model: nn.Module) -> nn.Module:
+    """rank 0's `model` on every rank, on the CPU (a no-op without torchrun). Rank 0 loaded it; the others
+    built it on the meta device (from_rank0): they allocate it uninitialised, re-tie shared weights (to_empty
+    gives every module its own tensor) and receive rank 0's parameters and buffers one at a time. Collective."""
+    if not _INFO.enabled:
+        return model
+    if not _INFO.is_main:
+        model.to_empty(device="cpu")
+        if hasattr(model, "tie_weights"):  # transformers models: input and output embeddings shared again
+            model.tie_weights()
+    _check_same_tensors(model)
+    with torch.no_grad():
+        _broadcast_tensors(_tensors(model))
+    return model
+
+
+def receive_shards(model: nn.Module, full: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """rank 0's full state dict (`full`, None on the other ranks) into every rank's FSDP2 shards, one tensor
+    at a time (torch.distributed.checkpoint's set_model_state_dict with broadcast_from_rank0): a rank never
+    holds the whole model. The other ranks sharded a meta-built model: allocate their shards on `device`
+    first. Buffers are not sharded and not all in the state dict: broadcast whole. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not _INFO.is_main:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full if _INFO.is_main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        _broadcast_tensors(list(model.named_buffers()))
+
+
 # --------------------------------------------------------------------------- wrapping the student
 def _fsdp():
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -189,10 +263,13 @@ def _fsdp():
 
 
 def wrap_student(model: nn.Module, strategy: str, device: torch.device, amp_dtype: torch.dtype | None,
-                 encoder: bool, blocks: list[nn.Module] | None = None) -> nn.Module:
+                 encoder: bool, blocks: list[nn.Module] | None = None, from_rank0: bool = False) -> nn.Module:
     """DDP replica or FSDP2-sharded student; the model itself when not distributed.
 
     blocks: the model's transformer blocks (models.families.decoder_layers), FSDP's wrapping units.
+    from_rank0 (FSDP): only rank 0 loaded the student (on its CPU); the other ranks built it on the meta
+    device. Sharding moves rank 0's blocks to `device` one unit at a time; then its full tensors, kept
+    until here, are broadcast into every rank's shards (receive_shards) and freed.
 
     encoder: encoder students (BertModel) carry a pooler that the embedding loss never reads, so
     DDP must look for unused parameters; causal LMs use every parameter in every step.
@@ -215,9 +292,13 @@ def wrap_student(model: nn.Module, strategy: str, device: torch.device, amp_dtyp
         # (embeddings, final norm, head). Shared (tied) embeddings stay in the root unit.
         if blocks is None:
             raise ValueError("wrap_student: train.strategy=fsdp needs the model's transformer blocks")
+        # rank 0's full tensors (references, not a copy): sharding replaces the module's parameters
+        full = dict(model.state_dict()) if from_rank0 and _INFO.is_main else None
         for layer in blocks:
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
+        if from_rank0:
+            receive_shards(model, full, device)
         return model
     raise ShdError(f"train.strategy: unknown {strategy!r}; choose ddp or fsdp")
 
@@ -267,22 +348,9 @@ def allocate_unsharded(model: nn.Module) -> None:
 
 
 def model_for_saving(model: nn.Module) -> nn.Module | None:
-    """A plain, unsharded copy of the student on rank 0 (None on other ranks). Collective under FSDP.
-
-    DDP replicas are identical, so rank 0's module is the student. FSDP2 parameters are DTensor
-    shards: gather the full state dict to rank 0's CPU and load it into a fresh model of the same class.
-    """
-    if not is_sharded(model):
-        return unwrap(model) if _INFO.is_main else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    FSDPModule, _, _ = _fsdp()
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not _INFO.is_main:
+    """The plain student on rank 0 (None on other ranks, and under FSDP: its shards are streamed to the
+    folder by models.sources.save_sharded_model_folder, never gathered whole). DDP replicas are identical,
+    so rank 0's module is the student."""
+    if is_sharded(model) or not _INFO.is_main:
         return None
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
-    plain = cls(model.config)  # on CPU: non-persistent buffers (rotary inv_freq) are built as usual
-    result = plain.load_state_dict(state, strict=False)
-    if result.missing_keys:  # pragma: no cover - a family whose state dict does not name every parameter
-        raise ShdError(f"train.strategy=fsdp: the gathered student lacks {result.missing_keys[:3]}; use ddp")
-    return plain
+    return unwrap(model)

@@ -33,7 +33,7 @@ from shdcli.models import checks
 from shdcli.models.families import decoder_layers, enable_capture, model_shape
 from shdcli.models.lora import apply_lora, save_lora_student
 from shdcli.models.mapping import Plan, feature_bases, plan_table
-from shdcli.models.sources import count_parameters, resolve_source, save_model_folder
+from shdcli.models.sources import count_parameters, resolve_source, save_model_folder, save_sharded_model_folder
 from shdcli.models.st_modules import sentence_transformers_files
 from shdcli.optim import make_optimizer, make_scheduler
 from shdcli.progress import ProgressDisplay
@@ -44,6 +44,8 @@ from shdcli.students.derive import Derivation, derivation_table, size_warning
 from shdcli.tasks.base import Forwards, Task
 from shdcli.tasks.data import BatchStream, TokenBlocks
 from shdcli.tasks.registry import get as get_task
+from shdcli.teacher import TeacherPass, teacher_dtype, teacher_forward
+from shdcli.teacher import autocast as teacher_autocast
 
 
 @dataclass
@@ -65,8 +67,9 @@ class Setup:
     # distill.target=projector: the trainable head-mixing matrices (baselines.py), dropped after training.
     projector: torch.nn.Module | None = None
     derivation: Derivation | None = None  # what a derived student kept of its teacher (students/derive.py)
-    # Optional memo of teacher forwards keyed by batch content (benchmarks reuse one teacher pass across runs).
-    teacher_cache: dict | None = None
+    # Optional memo of teacher forwards keyed by batch content (teacher.py; benchmarks reuse one teacher pass
+    # across runs).
+    teacher_memo: dict | None = None
     # The teacher's held-out quality, kept from the init evaluation for the final one (evaluate.evaluate_models).
     teacher_eval_memo: dict = field(default_factory=dict)
     step: int = 0  # index of the optimizer step being taken (0-based): the SHD schedule reads it
@@ -79,6 +82,10 @@ class Setup:
     balance_note: str | None = None  # why auto chose it, for the plan
     teacher_recorder: capture.AttentionRecorder = field(init=False)
     student_recorder: capture.AttentionRecorder = field(init=False)
+
+    def teacher_forward(self, batch: dict[str, torch.Tensor]) -> TeacherPass:
+        """The teacher's output and the records of the layers the plan maps, through the memo if one is set."""
+        return teacher_forward(self.teacher, self.teacher_recorder, batch, self.amp_dtype, self.teacher_memo)
 
     @property
     def kind(self) -> Task:
@@ -117,7 +124,8 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     strategy = recipe.train.strategy if distributed.env_info().enabled else None
     balance.check_supported(recipe.distill.balance, strategy)
 
-    teacher, tokenizer, task = loaded if loaded is not None else load_teacher(recipe)[:3]
+    t_dtype = teacher_dtype(recipe, device)
+    teacher, tokenizer, task = loaded if loaded is not None else load_teacher(recipe, t_dtype)[:3]
     t_shape = model_shape(teacher.config)
     checks.check_positions(recipe.data.seq_len, t_shape, "teacher")
 
@@ -138,18 +146,19 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     for model in (teacher, student):
         enable_capture(model)
     teacher.eval().requires_grad_(False)
-    t_dtype = teacher_dtype(recipe, device)
-    if t_dtype is not None:
-        teacher.to(t_dtype)
-    teacher.to(device)
-    student.to(device).train()
+    teacher.to(device, t_dtype)  # loaded in t_dtype already (a benchmark's `loaded` teacher may not be)
+    sharded = recipe.train.strategy == "fsdp" and distributed.env_info().enabled
+    if not sharded:  # fully_shard moves an FSDP student to the device itself, one block at a time
+        student.to(device)
+    student.train()
     if recipe.train.compile:
         # In place (same module, same state_dict keys). Capture still works: dynamo runs the recorder's
         # Python side effects (tests/test_perf_quick.py); step_losses fails clearly if a layer goes missing.
         student.compile()
     blocks = list(decoder_layers(student)) if recipe.train.strategy == "fsdp" else None
     student = distributed.wrap_student(student, recipe.train.strategy, device, amp_dtype,
-                                       encoder=kind.ddp_find_unused, blocks=blocks)
+                                       encoder=kind.ddp_find_unused, blocks=blocks,
+                                       from_rank0=recipe.student.path is not None)
     bases = feature_bases(teacher, plan)
     projector = None
     if recipe.distill.target == "projector" and recipe.distill.shd > 0:
@@ -161,43 +170,9 @@ def prepare(recipe: Recipe, console: Console, loaded: tuple | None = None) -> Se
     return setup
 
 
-def teacher_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
-    """dtype for the teacher's weights (None: leave them). It only runs forward, under inference_mode:
-    bfloat16 halves its memory and time on CUDA; auto picks it there (and keeps float32 on CPU)."""
-    choice = recipe.train.teacher_dtype
-    if choice == "bfloat16":
-        return torch.bfloat16
-    if choice == "float32":
-        return torch.float32
-    if device.type == "cuda" and (recipe.train.dtype == "bfloat16" or torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return None
-
-
-def autocast(setup: Setup):
-    if setup.amp_dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=setup.device.type, dtype=setup.amp_dtype)
-
-
-def teacher_forward(setup: Setup, batch: dict[str, torch.Tensor]):
-    if setup.teacher_cache is not None:
-        # fused logit path: a bypassed forward holds hidden states, not logits; cache the two apart
-        key = (fused_logits.bypass_active(), tuple(batch["input_ids"].shape),
-               batch["input_ids"].cpu().numpy().tobytes(), batch["attention_mask"].cpu().numpy().tobytes())
-        # a run that records other teacher layers (benchmarks share one memo across methods) may have
-        # made the entry: it serves only when it holds every layer this run's plan needs
-        if key not in setup.teacher_cache or not setup.teacher_recorder.layers <= setup.teacher_cache[key][1].keys():
-            setup.teacher_cache[key] = _teacher_pass(setup, batch)
-        return setup.teacher_cache[key]
-    return _teacher_pass(setup, batch)
-
-
-def _teacher_pass(setup: Setup, batch: dict[str, torch.Tensor]):
-    with torch.inference_mode(), setup.teacher_recorder.active(), autocast(setup):
-        out = setup.teacher(**batch)
-        records = dict(setup.teacher_recorder.records)
-    return out, records
+def autocast(setup: Setup) -> AbstractContextManager:
+    """The student's (and teacher's) autocast: train.dtype on the run's device."""
+    return teacher_autocast(setup.device, setup.amp_dtype)
 
 
 def step_losses(setup: Setup, batch: dict[str, torch.Tensor],
@@ -214,7 +189,7 @@ def step_losses(setup: Setup, batch: dict[str, torch.Tensor],
     inputs = kind.inputs(batch)
     fused = kind.fuses_heads(d)
     with fused_logits.bypass_heads(setup.teacher, enabled=fused):
-        t_out, t_records = teacher_forward(setup, inputs)
+        t_out, t_records = setup.teacher_forward(inputs)
     with setup.student_recorder.active(), autocast(setup), fused_logits.bypass_heads(setup.student, enabled=fused):
         s_out = setup.student(**inputs)
         s_records = dict(setup.student_recorder.records)
@@ -387,7 +362,7 @@ def attention_report(setup: Setup, batch: dict[str, torch.Tensor]) -> dict[str, 
         return {}
     inputs, fused = kind.inputs(batch), kind.fuses_heads(d)
     with fused_logits.bypass_heads(setup.teacher, enabled=fused):
-        _, t_records = teacher_forward(setup, inputs)
+        _, t_records = setup.teacher_forward(inputs)
     with setup.student_recorder.active(), autocast(setup), fused_logits.bypass_heads(setup.student, enabled=fused):
         setup.student(**inputs)
         s_records = dict(setup.student_recorder.records)
@@ -632,9 +607,11 @@ def _write_outputs(run: Run, setup_s: float, t_start: float, dist_info) -> dict:
     # A sentence-transformers teacher's modules.json / pooling / normalize, adapted to the student's width.
     extra.update(sentence_transformers_files(resolve_source(recipe.teacher.path, "teacher.path"),
                                              distributed.unwrap(setup.student).config)[0])
-    to_save = distributed.model_for_saving(setup.student)  # collective under FSDP; None off rank 0
+    to_save = distributed.model_for_saving(setup.student)  # None off rank 0 and under FSDP
     with output_dir_writes(recipe):
-        if to_save is not None and recipe.student.lora is not None:
+        if distributed.is_sharded(setup.student):  # collective: streamed to rank 0 one safetensors file at a time
+            save_sharded_model_folder(setup.student, setup.tokenizer, student_dir, extra)
+        elif to_save is not None and recipe.student.lora is not None:
             save_lora_student(to_save, setup.tokenizer, student_dir, extra)  # merged + lora/adapter + lora/base
         elif to_save is not None:
             save_model_folder(to_save, setup.tokenizer, student_dir, extra)
@@ -668,7 +645,7 @@ def _write_outputs(run: Run, setup_s: float, t_start: float, dist_info) -> dict:
             write_json_atomic(out_dir / "metrics.json", metrics)
             figures = plots.write_run_plots(metrics, out_dir)  # before the report that embeds them
             write_text_atomic(out_dir / "report.md", render_report(metrics, figures.files, figures.note))
-            if to_save is not None:  # the model card holds the final evaluation, so it comes after it
+            if (student_dir / "config.json").exists():  # the card holds the final evaluation: after it
                 write_text_atomic(student_dir / "README.md",
                                   render_card(metrics, setup.task, "modules.json" in extra))
     distributed.barrier()

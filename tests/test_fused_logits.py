@@ -317,16 +317,15 @@ def test_one_memory_knob_sizes_the_shd_and_the_logit_chunks(monkeypatch):
     assert seen == {"lean": 7 * 2**20, "fused": 7 * 2**20}
 
 
-def test_teacher_cache_keeps_bypassed_and_full_forwards_apart():
-    from shdcli.train import teacher_forward
+def test_teacher_memo_keeps_bypassed_and_full_forwards_apart():
     from tests.test_perf_quick import load_perf
 
     perf = load_perf()
     setup = perf.build(perf.QUICK, 12, torch.device("cpu"))
-    setup.teacher_cache = {}
+    setup.teacher_memo = {}
     batch = perf.make_batch(perf.QUICK, 2, 12, torch.device("cpu"))
     with bypass_heads(setup.teacher):
-        hidden_out, _ = teacher_forward(setup, batch)
-    full_out, _ = teacher_forward(setup, batch)
+        hidden_out, _ = setup.teacher_forward(batch)
+    full_out, _ = setup.teacher_forward(batch)
     assert hidden_out.logits.shape[1] == 0 and full_out.logits.shape == (2, 12, perf.QUICK.vocab)
-    assert len(setup.teacher_cache) == 2
+    assert len(setup.teacher_memo) == 2

@@ -153,7 +153,7 @@ def test_lean_matches_naive_with_dead_rows_counted():
 
 def test_lean_matches_naive_under_no_grad_and_inference_teacher():
     allowed, row_mask = make_allowed(2, 21, True, "right")
-    with torch.inference_mode():  # train.teacher_forward captures the teacher like this
+    with torch.inference_mode():  # teacher.teacher_forward captures the teacher like this
         t_rec = make_record(2, 8, 4, 21, 8, allowed, True, False, seed=1)
     s_rec = make_record(2, 4, 2, 21, 8, allowed, True, True, seed=2, values=False)
     groups = [group_heads(8, 4)]

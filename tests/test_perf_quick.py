@@ -11,7 +11,8 @@ import sys
 import torch
 
 from shdcli.recipe import validate_recipe
-from shdcli.train import prepare, step_losses, teacher_dtype
+from shdcli.teacher import teacher_dtype
+from shdcli.train import prepare, step_losses
 from tests.conftest import ROOT
 
 
@@ -96,7 +97,7 @@ def test_prepare_compile_flag_and_bfloat16_teacher(tiny_models, tiny_text, tmp_p
 
     plain = recipe_for(tiny_models, tiny_text, tmp_path)
     assert plain.train.compile is False and plain.train.teacher_dtype == "auto"
-    assert teacher_dtype(plain, torch.device("cpu")) is None  # auto keeps float32 on CPU
+    assert teacher_dtype(plain, torch.device("cpu")) == torch.float32  # auto keeps float32 on CPU
     setup = prepare(recipe_for(tiny_models, tiny_text, tmp_path, compile=True, teacher_dtype="bfloat16"),
                     Console(quiet=True))
     assert setup.student._compiled_call_impl is not None  # compiled in place; not run here (slow on CPU)

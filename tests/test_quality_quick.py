@@ -227,18 +227,16 @@ def _all_layers_and_last_layer_setups():
 def test_shared_teacher_memo_serves_every_layer_a_run_needs():
     """Methods share one teacher memo per seed; SHD on the last layer only records one teacher layer, so
     its entries must not serve a later all-layer run (the KeyError the issue-13 study first hit)."""
-    from shdcli.train import teacher_forward
-
     perf, full, last = _all_layers_and_last_layer_setups()
     memo = quality.BoundedMemo(2**30)
-    full.teacher_cache = last.teacher_cache = memo
+    full.teacher_memo = last.teacher_memo = memo
     batch = perf.make_batch(perf.QUICK, 2, 12, torch.device("cpu"))
-    _, few = teacher_forward(last, batch)
+    _, few = last.teacher_forward(batch)
     assert set(few) == {full.plan.pairs[-1][1]}
-    _, every = teacher_forward(full, batch)
+    _, every = full.teacher_forward(batch)
     assert set(every) == {t for _, t in full.plan.pairs}
     assert dict.__len__(memo) == 1 and memo.used == memo.nbytes(memo[next(iter(dict.keys(memo)))])
-    _, again = teacher_forward(last, batch)  # a superset serves the subset run
+    _, again = last.teacher_forward(batch)  # a superset serves the subset run
     assert again is every
 
 

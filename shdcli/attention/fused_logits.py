@@ -143,7 +143,7 @@ def bypass_heads(*models: torch.nn.Module, enabled: bool = True) -> Iterator[Non
 
 
 def bypass_active() -> bool:
-    """Whether forwards run now hand back hidden states instead of logits (train.teacher_forward's cache key)."""
+    """Whether forwards run now hand back hidden states instead of logits (teacher.memo_key)."""
     return _BYPASS.get()
 
 

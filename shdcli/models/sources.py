@@ -11,17 +11,21 @@ Which transformers class a folder loads into is the task's choice (tasks/registr
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from shdcli import distributed
 from shdcli.errors import ShdError
 from shdcli.report import write_folder_atomic
 
@@ -149,11 +153,12 @@ def read_config(folder: Path, field: str, trust_remote_code: bool = False):
 
 
 def load_weights(folder: Path, field: str, auto_class, has_safetensors: bool, allow_pickle: bool = False,
-                 trust_remote_code: bool = False) -> nn.Module:
-    """The folder's model as `auto_class` (the task's transformers Auto class), float32, complete."""
+                 trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The folder's model as `auto_class` (the task's transformers Auto class), complete, loaded directly in
+    `dtype` (each tensor is converted as it is read: no float32 copy of a bf16 teacher is ever made)."""
     try:
         model, info = auto_class.from_pretrained(
-            folder, dtype=torch.float32, use_safetensors=has_safetensors or not allow_pickle,
+            folder, dtype=dtype, use_safetensors=has_safetensors or not allow_pickle,
             trust_remote_code=trust_remote_code, output_loading_info=True,
         )
     except Exception as exc:  # noqa: BLE001 - damaged files raise SafetensorError, RuntimeError, OSError ...
@@ -170,6 +175,13 @@ def load_weights(folder: Path, field: str, auto_class, has_safetensors: bool, al
             "the checkpoint is incomplete or of another architecture"
         )
     return model
+
+
+def meta_model(config, auto_class, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model of `config` as `auto_class` with every tensor on the meta device (no memory, no file read):
+    a rank that receives its weights from rank 0 builds this (distributed.broadcast_replica)."""
+    with torch.device("meta"):
+        return auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(folder: Path, field: str, trust_remote_code: bool = False):
@@ -210,6 +222,97 @@ def save_model_folder(model: nn.Module, tokenizer, target: Path, extra: dict[str
             (tmp / name).write_text(text)
 
     write_folder_atomic(Path(target), fill)
+
+
+SHARD_BYTES = 2 * 2**30  # safetensors file size of a sharded save (transformers' save_pretrained shards likewise)
+
+
+def save_sharded_model_folder(model: nn.Module, tokenizer, target: Path, extra: dict[str, str] | None = None,
+                              shard_bytes: int = SHARD_BYTES) -> None:
+    """Write an FSDP2-sharded model as an HF folder, atomically. Collective: every rank calls it.
+
+    The state dict's tensors are gathered one at a time (DTensor.full_tensor, an all-gather); rank 0 keeps
+    them until `shard_bytes` are together, writes them as one safetensors file and lets them go, so it
+    never holds more than one file's worth plus one tensor: no full copy of the model. Files and the
+    index (model.safetensors.index.json) are named as save_pretrained names them. Tied weights are
+    written once. The folder is filled in a temporary one and renamed, on rank 0."""
+    names = _unique_state(model)
+    files = _shard_plan(names, shard_bytes)
+
+    def gathered() -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """(file name, its tensors on rank 0's CPU; {} elsewhere), one file at a time: collective."""
+        for file_name, keys in files:
+            tensors = {}
+            for key in keys:
+                value = names[key]
+                full = value.full_tensor() if hasattr(value, "full_tensor") else value  # [global shape]
+                if distributed.info().is_main:
+                    tensors[key] = full.detach().to("cpu").contiguous()
+                del full
+            yield file_name, tensors
+            tensors.clear()  # written: let this file's tensors go before the next file's are gathered
+
+    if not distributed.info().is_main:
+        for _ in gathered():  # the all-gathers rank 0 waits for
+            pass
+        return
+
+    def fill(tmp: Path) -> None:
+        weight_map = {}
+        for file_name, tensors in gathered():
+            save_file(tensors, tmp / file_name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, file_name))
+        if len(files) > 1:
+            total = sum(v.numel() * v.element_size() for v in names.values())
+            (tmp / SAFE_WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                              "weight_map": weight_map}, indent=2))
+        config = copy.deepcopy(model.config)
+        config.architectures = [_plain_class(model).__name__]
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text(text)
+
+    write_folder_atomic(Path(target), fill)
+
+
+SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict (FSDP2: DTensor shards, no copy) with each tied parameter under its first name
+    only, as save_pretrained writes it (transformers ties the other names again on load). Tied names are
+    found by parameter identity, so every rank drops the same keys."""
+    first: dict[int, str] = {}
+    again = {name for name, p in model.named_parameters(remove_duplicate=False)
+             if first.setdefault(id(p), name) != name}
+    return {key: value for key, value in model.state_dict().items() if key not in again}
+
+
+def _shard_plan(names: dict[str, torch.Tensor], shard_bytes: int) -> list[tuple[str, list[str]]]:
+    """[(file name, keys)]: keys in state dict order, a new file when the next tensor would pass shard_bytes
+    (a tensor larger than that gets a file of its own). One file: model.safetensors."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, value in names.items():
+        nbytes = value.numel() * value.element_size()  # of the whole tensor (a DTensor's global shape)
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    if len(groups) == 1:
+        return [("model.safetensors", groups[0])]
+    return [(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", keys) for i, keys in enumerate(groups)]
+
+
+def _plain_class(model: nn.Module) -> type:
+    """The transformers class under FSDP2's dynamic subclass (FSDPLlamaForCausalLM -> LlamaForCausalLM)."""
+    return next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from shdcli import distributed
 from shdcli.errors import ShdError
 from shdcli.models import checks
 from shdcli.models.families import has_fixed_head_dim, model_shape
@@ -32,12 +33,17 @@ from shdcli.tasks.data import BatchStream
 from shdcli.tasks.registry import load_model
 
 
-def load_teacher(recipe: Recipe) -> tuple[torch.nn.Module, object, str, Path]:
+def load_teacher(recipe: Recipe, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object, str, Path]:
+    """The teacher on the CPU in `dtype` (the run's teacher.teacher_dtype), its tokenizer (or image processor),
+    task and folder. Under torchrun rank 0 alone reads the weights and broadcasts them: every rank holds
+    one copy in `dtype`, never a float32 one first. Collective under torchrun."""
     folder = resolve_source(recipe.teacher.path, "teacher.path")
     teacher, tokenizer, task = load_model(
         folder, "teacher.path", task=None if recipe.task == "auto" else recipe.task,
-        allow_pickle=recipe.teacher.allow_pickle, trust_remote_code=recipe.teacher.trust_remote_code
+        allow_pickle=recipe.teacher.allow_pickle, trust_remote_code=recipe.teacher.trust_remote_code,
+        dtype=dtype, weights=not distributed.from_rank0(),
     )
+    teacher = distributed.broadcast_replica(teacher)
     if tokenizer is None:  # image classifiers get their image processor here (tasks.image.load_processor)
         raise ShdError(f"teacher.path: {folder} has no tokenizer files; add tokenizer.json (or vocab files) to it")
     checks.check_tokenizer_fits(tokenizer, model_shape(teacher.config), "teacher.path")
@@ -55,7 +61,13 @@ def make_student(
     spec, d = recipe.student, recipe.distill
     if spec.path is not None:
         folder = resolve_source(spec.path, "student.path")
-        student, s_tok, s_task = load_model(folder, "student.path", task=task, allow_pickle=spec.allow_pickle)
+        # Under torchrun rank 0 alone reads it (float32: the trained master weights). An FSDP student stays on
+        # the meta device elsewhere until sharded (distributed.wrap_student receives the shards); others get
+        # the whole model now.
+        student, s_tok, s_task = load_model(folder, "student.path", task=task, allow_pickle=spec.allow_pickle,
+                                            weights=not distributed.from_rank0())
+        if recipe.train.strategy != "fsdp":
+            student = distributed.broadcast_replica(student)
         s_shape = model_shape(student.config)
         checks.check_student_fits(t_shape, s_shape, tokenizer, s_tok)
         plan = make_plan(t_shape, s_shape, d.layers, d.grouping)

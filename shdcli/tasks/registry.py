@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from shdcli.errors import ShdError
 from shdcli.models.families import family_of
-from shdcli.models.sources import check_weight_files, load_weights, read_config
+from shdcli.models.sources import check_weight_files, load_weights, meta_model, read_config
 from shdcli.tasks.base import ENCODER, Task
 from shdcli.tasks.causal_lm import CausalLM
 from shdcli.tasks.diffusion import Diffusion
@@ -56,15 +57,22 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     backbone_ok: bool = False,
+    dtype: torch.dtype = torch.float32,
+    weights: bool = True,
 ) -> tuple[nn.Module, object | None, str]:
     """Load (model, tokenizer or image processor or None, task name) from an HF folder; safetensors
     only unless allow_pickle. A head no task distils is refused unless `task` names one or backbone_ok
-    (task_of)."""
+    (task_of). The model comes in `dtype`; weights=False builds it on the meta device without reading its
+    weights (a torchrun rank that receives them from rank 0)."""
     has_safetensors = check_weight_files(folder, field, allow_pickle)
     config = folder_config(folder, field) or read_config(folder, field, trust_remote_code)
     family_of(config, field)  # a family the table does not know is refused here, before loading weights
     kind = get(task or task_of(config, field, backbone_ok))
-    model = load_weights(folder, field, kind.auto_class(), has_safetensors, allow_pickle, trust_remote_code)
+    if weights:
+        model = load_weights(folder, field, kind.auto_class(), has_safetensors, allow_pickle, trust_remote_code,
+                             dtype)
+    else:
+        model = meta_model(config, kind.auto_class(), dtype, trust_remote_code)
     return model, kind.load_preprocessor(folder, model.config, field, trust_remote_code), kind.name
 
 
@@ -74,6 +82,6 @@ def folder_config(folder: Path, field: str):
     return next((c for t in TASKS.values() if (c := t.folder_config(folder, field)) is not None), None)
 
 
-def build_model(config, task: str, like: nn.Module) -> nn.Module:
-    """A freshly initialised model of `config` for `task`, in the dtype of `like`."""
-    return get(task).auto_class().from_config(config, dtype=next(like.parameters()).dtype)
+def build_model(config, task: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A freshly initialised model of `config` for `task`, in `dtype`."""
+    return get(task).auto_class().from_config(config, dtype=dtype)
