@@ -23,7 +23,8 @@ LAYERS = [
     ("students", "shdcli.students"),
     ("workflows", {"shdcli.train", "shdcli.checkpoint", "shdcli.evaluate", "shdcli.heads", "shdcli.export",
                    "shdcli.model_card", "shdcli.demo", "shdcli.callbacks", "shdcli.progress", "shdcli.trackers",
-                   "shdcli.plots", "shdcli.compare", "shdcli.optim"}),
+                   "shdcli.plots", "shdcli.compare", "shdcli.optim", "shdcli.teacher",
+                   "shdcli.memory"}),
     ("cli", {"shdcli.cli", "shdcli.__main__"}),
 ]
 
