@@ -15,7 +15,8 @@ import yaml
 from shdcli.report import markdown_table
 
 _PIPELINES = {"causal-lm": "text-generation", "encoder": "feature-extraction",
-              "image-classification": "image-classification", "sequence-classification": "text-classification"}
+              "image-classification": "image-classification", "sequence-classification": "text-classification",
+              "diffusion": "unconditional-image-generation"}
 _SHAPE_ROWS = (("layers", "layers"), ("heads", "attention heads"), ("kv_heads", "key/value heads"),
                ("head_dim", "head dim"), ("hidden", "hidden size"), ("intermediate", "MLP width"),
                ("vocab", "vocabulary"), ("max_positions", "context (positions)"))
@@ -113,6 +114,10 @@ def _usage(task: str, sentence_transformers: bool) -> str:
     elif task == "image-classification":
         load = ("```python\nfrom transformers import AutoModelForImageClassification\n\n"
                 "model = AutoModelForImageClassification.from_pretrained(\"path/to/student\")\n```")
+    elif task == "diffusion":
+        load = ("```python\nfrom diffusers import DDPMScheduler, DiTTransformer2DModel\n\n"
+                "model = DiTTransformer2DModel.from_pretrained(\"path/to/student\")\n"
+                "scheduler = DDPMScheduler.from_pretrained(\"path/to/student\")  # the teacher's noise schedule\n```")
     else:
         load = ("```python\nfrom transformers import AutoModel, AutoTokenizer\n\n"
                 "model = AutoModel.from_pretrained(\"path/to/student\")\n```")
