@@ -417,6 +417,7 @@ def write_sample_grid(samples: dict[str, torch.Tensor], per_class: int, names: l
         row = []
         for r, role in enumerate(roles):
             block = samples[role][k * per_class:k * per_class + columns]  # [columns, C, H, W]
+            block = F.pad(block, (0, 1, 0, 1), value=0.0)  # a grey line right of and below each sample
             row += [x for x in block]
             if r < len(roles) - 1:
                 row.append(torch.full_like(block[0], 1.0))  # a white gap between the models
