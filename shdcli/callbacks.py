@@ -12,8 +12,9 @@ implement only the ones you need. The loop calls them in this order:
     close()                        always, last, also when the run fails or is interrupted
 
 `state` is read-only for callbacks (train.RunState; `LoopState` says what may be read). A `record` is a
-flat dict: a step's {"step", every loss part, "grad_norm", "grad_norm_<part>" when measured, "lr",
-"time_s", "tokens"} or a validation's {"step", "val_<part>", ...}.
+dict of numbers: a step's {"step", every loss part, "grad_norm", "grad_norm_<part>" when measured, "lr",
+"time_s", "tokens"} or a validation's {"step", "val_<part>", ...}, where a run with SHD adds one dict,
+LAYER_KL: {student layer (as text): the KL of its maps to their squeezed targets}.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from shdcli.recipe import Recipe
+
+LAYER_KL = "attention_kl_by_layer"  # a validation record's per-layer attention fidelity (see above)
 
 
 class WeightSummary(Protocol):

@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shdcli.callbacks import LAYER_KL
 from shdcli.report import make_readable
 
 PLOTS = "plots"
@@ -177,6 +178,35 @@ def plot_squeeze_weights(plt, metrics: dict, path: Path) -> bool:
     return True
 
 
+def plot_attention_fidelity(plt, metrics: dict, path: Path) -> bool:
+    """Per student layer, the KL of its maps to their squeezed targets at every validation (one line each,
+    dark to light as training goes): which layers the student has learned to attend like the teacher."""
+    seen = [(v["step"], v[LAYER_KL]) for v in metrics.get("validation") or [] if v.get(LAYER_KL)]
+    if not seen:
+        return False
+    pairs = {str(s): t for s, t in (metrics.get("plan") or {}).get("layers", [])}
+    layers = sorted({int(layer) for _, by_layer in seen for layer in by_layer})
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(layers) + 3.0), 3.6))
+    colours = plt.get_cmap("viridis")
+    values: list[float] = []
+    for i, (step, by_layer) in enumerate(seen):
+        ys = [by_layer.get(str(layer), math.nan) for layer in layers]
+        values += [y for y in ys if y == y]
+        ax.plot(range(len(layers)), ys, "o-", ms=3, lw=1.2, color=colours(i / max(len(seen) - 1, 1)),
+                label=f"step {step}")
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels([f"{layer}\n<-{pairs.get(str(layer), '?')}" for layer in layers], fontsize=7)
+    ax.set_xlabel("student layer <- teacher layer", fontsize=8)
+    ax.set_ylabel("KL(squeezed target || student)", fontsize=8)
+    _log_if_positive(ax, values)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Attention fidelity per layer at each validation (lower: closer to the teacher)", fontsize=9)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
 QUALITY_SKIP = ("params", "disk", "latency", "tokens_per_s", "speedup", "step", "val_")  # size, speed, losses
 
 
@@ -209,6 +239,7 @@ RUN_PLOTS = [
     ("Training and validation losses", "losses.png", plot_losses),
     ("Gradient norms", "grad_norms.png", plot_grad_norms),
     ("Squeeze weights per layer", "squeeze_weights.png", plot_squeeze_weights),
+    ("Attention fidelity per layer", "attention_fidelity.png", plot_attention_fidelity),
     ("Student quality at init, trained, and the teacher", "quality.png", plot_quality),
 ]
 
@@ -231,7 +262,8 @@ def plot_validation_overlay(runs: list[tuple[str, dict]], path: Path) -> str | N
     plt = _pyplot()
     if plt is None:
         return NO_MATPLOTLIB
-    keys = [k for k in dict.fromkeys(k for _, m in runs for v in m.get("validation") or [] for k in v)
+    keys = [k for k in dict.fromkeys(k for _, m in runs for v in m.get("validation") or [] for k in v
+                                     if isinstance(v[k], int | float))
             if k != "step" and all(any(k in v for v in m.get("validation") or []) for _, m in runs)]
     if not keys:
         return "the runs share no validation number to plot"

@@ -253,7 +253,7 @@ def render_report(metrics: dict, plots: list[tuple[str, str]] | None = None, plo
     ]
     val = metrics.get("validation", [])
     if val:
-        keys = [k for k in val[0] if k != "step"]
+        keys = [k for k in val[0] if k != "step" and isinstance(val[0][k], int | float)]  # per-layer: a plot
         out.append(markdown_table(["step", *keys], [[v["step"], *[v.get(k, "") for k in keys]] for v in val]))
     final, init = metrics.get("final_eval") or {}, metrics.get("init_eval") or {}
     if final:

@@ -2,7 +2,8 @@
 
     jsonl        output_dir/logs/metrics.jsonl: one flushed JSON line per train.log_every steps and one per
                  validation (and a last "final" line), readable while the run goes on
-    tensorboard  output_dir/logs/tensorboard (torch's SummaryWriter): scalars, squeeze-weight histograms
+    tensorboard  output_dir/logs/tensorboard (torch's SummaryWriter): scalars, squeeze-weight histograms,
+                 per-layer attention KL (a curve per student layer, their spread as a histogram)
     mlflow       output_dir/logs/mlflow.db (a local sqlite store; `mlflow ui --backend-store-uri sqlite:///...`)
     wandb        output_dir/logs/wandb, offline (`wandb sync` uploads it later)
 
@@ -25,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from shdcli.callbacks import Callback, LoopState
+from shdcli.callbacks import LAYER_KL, Callback, LoopState
 from shdcli.errors import ShdError
 from shdcli.recipe import Recipe, flat_keys
 from shdcli.report import write_text_atomic
@@ -51,6 +52,9 @@ class Logger:
 
     def log_squeeze_weights(self, step: int, summary: dict[str, list[dict]]) -> None:
         """Per student layer: the mean squeeze weight of every teacher head in its groups so far."""
+
+    def log_layer_kl(self, step: int, by_layer: dict[str, float]) -> None:
+        """At a validation: per student layer, the KL of its maps to their squeezed targets."""
 
     def close(self) -> None:
         pass
@@ -92,10 +96,12 @@ class LoggingCallback(Callback):
     def on_validation(self, state: LoopState, record: dict) -> None:
         self._emit({"kind": "validation", "step": record["step"], **numbers(record), "time_s": state.train_s,
                     "wall_time": time.time()})
-        summary = state.stats.summary()
-        if summary:
-            for logger in self.loggers:
+        summary, by_layer = state.stats.summary(), record.get(LAYER_KL)
+        for logger in self.loggers:
+            if summary:
                 logger.log_squeeze_weights(record["step"], summary)
+            if by_layer:
+                logger.log_layer_kl(record["step"], by_layer)
 
     def on_end(self, metrics: dict) -> None:
         final = numbers(metrics.get("final_eval") or {})
@@ -191,6 +197,14 @@ class TensorBoardLogger(Logger):
         for layer, groups in summary.items():
             values = np.array([w for g in groups for w in g["mean"]], dtype=np.float64)
             self.writer.add_histogram(f"squeeze_weights/student_layer_{layer}", values, step, bins="auto")
+
+    def log_layer_kl(self, step: int, by_layer: dict[str, float]) -> None:
+        import numpy as np
+
+        # one scalar per layer (its curve over training) and their spread over layers (one histogram a step)
+        for layer, kl in by_layer.items():
+            self.writer.add_scalar(f"attention_kl/student_layer_{layer}", kl, step)
+        self.writer.add_histogram("attention_kl/over_layers", np.array(list(by_layer.values())), step, bins="auto")
 
     def close(self) -> None:
         if self.writer is not None:

@@ -21,11 +21,11 @@ from rich.markup import escape
 
 from shdcli import checkpoint, distributed, plots, trackers
 from shdcli.attention import balance, capture, fused_logits
+from shdcli.attention import diagnostics as diag
 from shdcli.attention.baselines import attention_target_loss, make_projector
-from shdcli.attention.diagnostics import attention_diagnostics
 from shdcli.attention.losses import shd_loss
 from shdcli.attention.relations import relation_loss
-from shdcli.callbacks import Callback, CallbackList
+from shdcli.callbacks import LAYER_KL, Callback, CallbackList
 from shdcli.errors import ShdError
 from shdcli.evaluate import final_evaluation, ood_unavailable
 from shdcli.model_card import render_card
@@ -345,7 +345,11 @@ def validate(setup: Setup) -> dict[str, float]:
                                                                       for k, v in diagnostics.items()}}, setup.device)
     tokens = sums.pop("_tokens")
     out = {f"val_{k}": v / max(tokens, 1.0) for k, v in sums.items() if not k.startswith("_diag_")}
-    out.update({f"val_{k[len('_diag_'):]}": v for k, v in sums.items() if k.startswith("_diag_")})
+    diagnostics = {k.removeprefix("_diag_"): v for k, v in sums.items() if k.startswith("_diag_")}
+    out.update({f"val_{k}": v for k, v in diagnostics.items() if not k.startswith(diag.LAYER_KL)})
+    by_layer = {k.removeprefix(diag.LAYER_KL): v for k, v in diagnostics.items() if k.startswith(diag.LAYER_KL)}
+    if by_layer:
+        out[LAYER_KL] = by_layer
     out.update(setup.kind.validation_extras(setup.student, setup.val_batches, setup.device, out))
     return out
 
@@ -366,7 +370,7 @@ def attention_report(setup: Setup, batch: dict[str, torch.Tensor]) -> dict[str, 
     with setup.student_recorder.active(), autocast(setup), fused_logits.bypass_heads(setup.student, enabled=fused):
         setup.student(**inputs)
         s_records = dict(setup.student_recorder.records)
-    return attention_diagnostics(t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases,
+    return diag.attention_diagnostics(t_records, s_records, setup.plan.pairs, setup.plan.groups, setup.bases,
                                  kind.row_mask(batch), batch.get("attention_mask"), d.alpha, d.temperature)
 
 
@@ -657,7 +661,7 @@ def evaluate_student(setup: Setup, last_val: dict[str, float], student_dir: Path
     """The final evaluation of setup's student as it is now: the last validation, the task's numbers on the
     run's validation batches, and (text tasks) what `shd eval` reports for this student
     (evaluate.final_evaluation). The run scores the student at step 0 and at the end with it."""
-    out = dict(last_val)
+    out = {k: v for k, v in last_val.items() if k != LAYER_KL}  # numbers only: per-layer KL is a plot
     was_training = setup.student.training
     setup.student.eval()
     try:

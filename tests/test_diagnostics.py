@@ -46,7 +46,8 @@ def _reference(t_q, t_k, s_q, s_k, groups, key_mask, scaling_t, scaling_s):
                     if student[m] > 0:
                         ent_s -= student[m] * math.log(student[m])
                 rows += 1
-    return {"sink_share": sink / kl, "entropy_student": ent_s / rows, "entropy_target": ent_t / rows}
+    return {"sink_share": sink / kl, "entropy_student": ent_s / rows, "entropy_target": ent_t / rows,
+            "kl_per_row": kl / rows}
 
 
 def _record(q, k, key_mask, scaling, v=None):
@@ -65,7 +66,33 @@ def test_diagnostics_match_a_loop_reference_with_padding_and_sep_sinks():
     got = attention_diagnostics({5: _record(t_q, t_k, key_mask, 0.5, t_v)}, {1: _record(s_q, s_k, key_mask, 0.4)},
                                 [(1, 5)], [groups], {5: None}, key_mask, key_mask, "mean", 1.0)
     want = _reference(t_q, t_k, s_q, s_k, groups, key_mask, 0.5, 0.4)
+    want["kl_layer/1"] = want.pop("kl_per_row")
     assert got == pytest.approx(want, rel=1e-6)  # the maps are computed in float32
+
+
+def test_per_layer_kl_is_each_layers_own_and_the_whole_mixes_them():
+    """Two mapped layers: kl_layer/<s> is that layer's reference KL per row; the shares and entropies are
+    over both layers' rows together (so they differ from either layer's alone)."""
+    torch.manual_seed(1)
+    batch, n, d = 2, 5, 3
+    key_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    groups = [[0, 2], [1, 3]]
+    layers = {}
+    for s_idx, t_idx in ((0, 1), (1, 3)):
+        t_q, t_k, t_v = (torch.randn(batch, 4, n, d, dtype=torch.float64) * (1 + s_idx) for _ in range(3))
+        s_q, s_k = (torch.randn(batch, 2, n, d, dtype=torch.float64) for _ in range(2))
+        layers[(s_idx, t_idx)] = (t_q, t_k, t_v, s_q, s_k)
+    t_records = {t: _record(q, k, key_mask, 0.5, v) for (_, t), (q, k, v, _, _) in layers.items()}
+    s_records = {s: _record(q, k, key_mask, 0.5) for (s, _), (_, _, _, q, k) in layers.items()}
+    got = attention_diagnostics(t_records, s_records, list(layers), [groups, groups], {1: None, 3: None},
+                                key_mask, key_mask, "mean", 1.0)
+    for (s_idx, _), (t_q, t_k, _, s_q, s_k) in layers.items():
+        alone = _reference(t_q, t_k, s_q, s_k, groups, key_mask, 0.5, 0.5)
+        assert got[f"kl_layer/{s_idx}"] == pytest.approx(alone["kl_per_row"], rel=1e-6)
+    first, second = (_reference(q, k, sq, sk, groups, key_mask, 0.5, 0.5) for q, k, _, sq, sk in layers.values())
+    # equal row counts per layer: the whole's entropy is the mean of the layers'
+    assert got["entropy_student"] == pytest.approx((first["entropy_student"] + second["entropy_student"]) / 2,
+                                                   rel=1e-6)
 
 
 def test_a_student_that_copies_everything_but_the_sink_has_all_its_kl_there():
@@ -112,4 +139,9 @@ def test_validation_records_the_diagnostics_and_none_without_shd(tiny_models, ti
         assert 0 < record["val_entropy_student"] <= math.log(32) + 1e-6
         assert 0 < record["val_entropy_target"] <= math.log(32) + 1e-6
         assert math.isfinite(record["val_sink_share"])
+        # attention fidelity per student layer (both layers mapped), the plot's and TensorBoard's input
+        assert sorted(record["attention_kl_by_layer"]) == ["0", "1"]
+        # KL >= 0 up to float32 rounding (a student copied from the teacher starts at ~1e-6)
+        assert all(v >= -1e-5 and math.isfinite(v) for v in record["attention_kl_by_layer"].values()), record
+    assert "attention_kl_by_layer" not in metrics["final_eval"]  # final_eval holds numbers only
     assert not any("val_sink_share" in r for r in run(0.0, "kd")["validation"])

@@ -134,6 +134,13 @@ def test_tensorboard_reads_back(tracked):
     assert events.Scalars("train/task")[-1].value == pytest.approx(history[-1]["task"], rel=1e-6)
     hist = events.Histograms("squeeze_weights/student_layer_0")
     assert [h.step for h in hist] == [2, 3] and hist[-1].histogram_value.num == 6  # 6 teacher heads, 3 groups
+    # attention fidelity per student layer: a curve per layer and their spread, at every validation
+    validation = json.loads((tracked / "metrics.json").read_text())["validation"]
+    layer_kl = events.Scalars("attention_kl/student_layer_1")
+    assert [e.step for e in layer_kl] == [0, 2, 3]
+    assert layer_kl[-1].value == pytest.approx(validation[-1]["attention_kl_by_layer"]["1"], rel=1e-6)
+    spread = events.Histograms("attention_kl/over_layers")
+    assert [h.step for h in spread] == [0, 2, 3] and spread[-1].histogram_value.num == 2  # 2 student layers
 
 
 def test_mlflow_reads_back(tracked):
@@ -218,7 +225,7 @@ def test_plain_lines_and_plots_when_stdout_is_a_pipe(tiny_models, tiny_text, tmp
     assert "\r" not in proc.stdout and "…" not in proc.stdout and "━" not in "".join(steps)
     assert "validation at step 5: val_" in proc.stdout
     report = (out / "report.md").read_text()
-    for name in ("losses.png", "grad_norms.png", "squeeze_weights.png", "quality.png"):
+    for name in ("losses.png", "grad_norms.png", "squeeze_weights.png", "attention_fidelity.png", "quality.png"):
         assert f"](plots/{name})" in report and (out / "plots" / name).stat().st_size > 1000
 
 

@@ -7,7 +7,10 @@ Measured on one validation batch per validation (whole maps, no grad; the naive 
                    means SHD spends its gradient copying where heads park attention, not what they read.
   entropy_student: mean row entropy (nats) of the student's maps; entropy_target: of the squeezed targets.
                    A student far sharper or flatter than its targets has not taken their shape.
-All are means over the valid query rows of every mapped layer, the batch and the student heads.
+  kl_layer/<s>:    per student layer s, the KL to its squeezed targets (attention fidelity layer by layer:
+                   which layers the student has not learned to attend like the teacher).
+All but kl_layer are means over the valid query rows of every mapped layer, the batch and the student heads;
+kl_layer/<s> over one layer's.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def sink_keys(record: LayerRecord, key_mask: torch.Tensor | None) -> torch.Tenso
 def row_entropy(maps: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of each row of maps [..., M] (rows sum to 1; zeros contribute 0): [...]."""
     return -torch.special.xlogy(maps, maps).sum(-1)
+
+
+LAYER_KL = "kl_layer/"  # + student layer index: a key of attention_diagnostics' result
 
 
 @torch.no_grad()
@@ -66,19 +72,22 @@ def attention_diagnostics(teacher_records: dict[int, LayerRecord], student_recor
                           pairs: list[tuple[int, int]], groups: list[list[list[int]]],
                           bases: dict[int, list[torch.Tensor] | None], row_mask: torch.Tensor | None,
                           key_mask: torch.Tensor | None, alpha: str, tau: float) -> dict[str, float]:
-    """sink_share, entropy_student, entropy_target (see the module doc) over every mapped layer of one batch."""
+    """sink_share, entropy_student, entropy_target and kl_layer/<s> (see the module doc) of one batch."""
     sums: dict[str, torch.Tensor] = {}
+    by_layer: dict[str, float] = {}
     for (s_idx, t_idx), layer_groups in zip(pairs, groups):
         part = layer_diagnostics(teacher_records[t_idx], student_records[s_idx], layer_groups, bases.get(t_idx),
                                  row_mask, key_mask, alpha, tau)
         sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
+        if float(part["rows"]) > 0:
+            by_layer[f"{LAYER_KL}{s_idx}"] = float(part["kl"]) / float(part["rows"])
     rows = float(sums["rows"]) if sums else 0.0
     if rows == 0:
         return {}
     kl = float(sums["kl"])
     return {"sink_share": float(sums["kl_sink"]) / kl if kl > 0 else 0.0,
             "entropy_student": float(sums["entropy_student"]) / rows,
-            "entropy_target": float(sums["entropy_target"]) / rows}
+            "entropy_target": float(sums["entropy_target"]) / rows, **by_layer}
 
 
-__all__ = ["sink_keys", "row_entropy", "layer_diagnostics", "attention_diagnostics"]
+__all__ = ["LAYER_KL", "sink_keys", "row_entropy", "layer_diagnostics", "attention_diagnostics"]
