@@ -195,8 +195,8 @@ def plot_attention_fidelity(plt, metrics: dict, path: Path) -> bool:
         ax.plot(range(len(layers)), ys, "o-", ms=3, lw=1.2, color=colours(i / max(len(seen) - 1, 1)),
                 label=f"step {step}")
     ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels([f"{layer}\n<-{pairs.get(str(layer), '?')}" for layer in layers], fontsize=7)
-    ax.set_xlabel("student layer <- teacher layer", fontsize=8)
+    ax.set_xticklabels([f"{layer}\nfrom {pairs.get(str(layer), '?')}" for layer in layers], fontsize=7)
+    ax.set_xlabel("student layer (the teacher layer it learns from)", fontsize=8)
     ax.set_ylabel("KL(squeezed target || student)", fontsize=8)
     _log_if_positive(ax, values)
     ax.grid(alpha=0.3)
