@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -84,16 +85,27 @@ def make_teacher(out: str | Path, data: str = "builtin:digits", hidden: int = 19
     return info
 
 
+def classifier_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy of a classifier's logits on its labels (images or text)."""
+    return F.cross_entropy(model(**batch).logits, labels)
+
+
+def denoiser_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """MSE of a DiT's prediction to its target (the noise, or v) at the batch's noisy input and timestep."""
+    return F.mse_loss(model(**batch).sample, target)
+
+
 def fine_tune(model: torch.nn.Module, stream: BatchStream, optimizer: torch.optim.Optimizer,
-              sched: torch.optim.lr_scheduler.LambdaLR, steps: int, log, every: int) -> None:
-    """Cross entropy on a classifier's labels for `steps` batches (images or text: the batch's other keys are
-    the model's inputs), gradients clipped at 1; a log line every `every` steps."""
+              sched: torch.optim.lr_scheduler.LambdaLR, steps: int, log, every: int,
+              loss_of: Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor] = classifier_loss) -> None:
+    """`loss_of` for `steps` batches (the batch's "labels" are its targets, the other keys the model's
+    inputs), gradients clipped at 1; a log line every `every` steps."""
     t0 = time.perf_counter()
     model.train()
     for step in range(1, steps + 1):
         batch = stream.next()
         labels = batch.pop("labels")
-        loss = F.cross_entropy(model(**batch).logits, labels)
+        loss = loss_of(model, batch, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -189,18 +201,7 @@ def make_dit_teacher(out: str | Path, data: str = "builtin:digits", hidden: int 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = _warmup_cosine(optimizer, steps)
     t0 = time.perf_counter()
-    model.train()
-    for step in range(1, steps + 1):
-        batch = stream.next()
-        target = batch.pop("labels")
-        loss = F.mse_loss(model(**batch).sample, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        sched.step()
-        if step % 250 == 0 or step == steps:
-            log(f"make-teacher step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+    fine_tune(model, stream, optimizer, sched, steps, log, every=250, loss_of=denoiser_loss)
     train_s = time.perf_counter() - t0
     model.eval()
     metrics, _, _ = diffusion.score_models(model, model, data, val_fraction, torch.device("cpu"))
