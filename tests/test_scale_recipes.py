@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import memory_table
 from shdcli.models.families import model_shape
 from shdcli.models.mapping import make_plan
 from shdcli.recipe import load_recipe
@@ -14,17 +15,8 @@ SCALE = Path(__file__).resolve().parents[1] / "recipes" / "scale"
 
 
 def _configs():
-    from transformers import GPT2Config, LlamaConfig
-
-    gpt2 = {name: GPT2Config(n_layer=layers, n_head=heads, n_embd=width, vocab_size=50257, n_positions=1024)
-            for name, layers, heads, width in [("gpt2-xl", 48, 25, 1600), ("gpt2", 12, 12, 768),
-                                               ("gpt2-medium", 24, 16, 1024), ("gpt2-large", 36, 20, 1280)]}
-    llama = {name: LlamaConfig(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                               hidden_size=width, intermediate_size=inter, vocab_size=32000,
-                               max_position_embeddings=4096)
-             for name, layers, heads, width, inter in [("Llama-2-13b-hf", 40, 40, 5120, 13824),
-                                                       ("Llama-2-7b-hf", 32, 32, 4096, 11008)]}
-    return {**gpt2, **llama}
+    """The scale recipes' model configs, as benchmarks/memory_table.py (README's memory table) builds them."""
+    return memory_table.configs()
 
 
 @pytest.mark.parametrize("path", sorted(SCALE.glob("*.yaml")), ids=lambda p: p.name)
