@@ -12,11 +12,25 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from shdcli import checkpoint
 from tests.conftest import ROOT
 from tests.test_errors import shd
+
+
+@pytest.fixture(autouse=True)
+def sigint_as_a_fresh_process_has_it():
+    """These tests send SIGINT to this very process: give them Python's default handler, unblocked, whatever
+    an earlier test or library left behind (the full suite once saw SIGINTs here that raised nothing)."""
+    found = signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with open(os.environ.get("SHD_SIGINT_LOG", os.devnull), "a") as log:
+        log.write(f"{found}\n")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def write_recipe(tmp: Path, models: dict[str, Path], text: Path, **train) -> Path:
