@@ -2,6 +2,8 @@
 
 Importing the CLI loads torch and transformers, which takes seconds: a Ctrl-C then has nothing to save, and
 without this handler it would end in a KeyboardInterrupt traceback. cli.main() handles every later one.
+A SIGINT this process started with ignored (a job a non-interactive shell ran with `&`) stays ignored, as
+Python itself leaves it.
 """
 
 import os
@@ -18,10 +20,13 @@ def _stopped_while_starting(signum: int, frame: FrameType | None) -> None:
     os._exit(130)
 
 
-signal.signal(signal.SIGINT, _stopped_while_starting)
+SIGINT_IGNORED = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+if not SIGINT_IGNORED:
+    signal.signal(signal.SIGINT, _stopped_while_starting)
 from shdcli.cli import main  # noqa: E402
 
-signal.signal(signal.SIGINT, signal.default_int_handler)
+if not SIGINT_IGNORED:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if __name__ == "__main__":
     main()

@@ -464,7 +464,8 @@ def left_after_interrupt(recipe: Recipe) -> tuple[str, bool]:
 class StopOnSignal:
     """While active, SIGINT/SIGTERM only set `signum`; the loop saves at the end of the step and stops.
 
-    A second signal gets the default behaviour back (Ctrl-C twice aborts at once).
+    A second signal gets the default behaviour back (Ctrl-C twice aborts at once). A signal the process
+    ignores (SIGINT in a job a non-interactive shell started with `&`) stays ignored.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -483,7 +484,8 @@ class StopOnSignal:
     def __enter__(self) -> StopOnSignal:
         try:
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) != signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         except ValueError:  # not the main thread: signals stay as they were
             self._previous = {}
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -36,6 +37,17 @@ def tiny_text(tmp_path_factory) -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Tokenised data and converted models are cached per test session, never in the user's home.
     monkeypatch.setenv("SHD_CACHE", str(tmp_path_factory.getbasetemp() / "shd-cache"))
+
+
+@pytest.fixture
+def default_sigint():
+    """Python's default SIGINT handler, unblocked, for tests that send SIGINT to this very process: a suite
+    started with `&` by a non-interactive shell inherits SIGINT ignored, and shd leaves an ignored SIGINT
+    ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600):

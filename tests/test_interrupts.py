@@ -19,18 +19,7 @@ from shdcli import checkpoint
 from tests.conftest import ROOT
 from tests.test_errors import shd
 
-
-@pytest.fixture(autouse=True)
-def sigint_as_a_fresh_process_has_it():
-    """These tests send SIGINT to this very process: give them Python's default handler, unblocked, whatever
-    an earlier test or library left behind (the full suite once saw SIGINTs here that raised nothing)."""
-    found = signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    with open(os.environ.get("SHD_SIGINT_LOG", os.devnull), "a") as log:
-        log.write(f"{found}\n")
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
-    yield
-    signal.signal(signal.SIGINT, previous)
+pytestmark = pytest.mark.usefixtures("default_sigint")
 
 
 def write_recipe(tmp: Path, models: dict[str, Path], text: Path, **train) -> Path:
@@ -154,3 +143,35 @@ def test_ctrl_c_while_importing_exits_130_with_one_line(tiny_models, tiny_text, 
     _, err = proc.communicate(timeout=300)
     line = one_line(proc.returncode, err)
     assert "stopped by SIGINT" in line
+
+
+def test_an_inherited_ignored_sigint_stays_ignored_while_starting_and_training():
+    """A job a non-interactive shell starts with `&` inherits SIGINT ignored: shd re-arms it neither while
+    importing nor while training (SIGTERM still stops a run with a checkpoint)."""
+    probe = ("import signal, shdcli.__main__\n"
+             "from shdcli.checkpoint import StopOnSignal\n"
+             "ignored = lambda sig: signal.getsignal(sig) == signal.SIG_IGN\n"
+             "with StopOnSignal():\n"
+             "    print(ignored(signal.SIGINT), ignored(signal.SIGTERM))\n"
+             "print(ignored(signal.SIGINT))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def probe_with(disposition) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert probe_with(signal.SIG_IGN) == ["True", "False", "True"]
+    assert probe_with(signal.SIG_DFL) == ["False", "False", "False"]
+
+
+def test_stop_on_signal_does_not_catch_an_ignored_sigint():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with checkpoint.StopOnSignal() as stop:
+            ctrl_c()
+            assert stop.signum is None
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -280,7 +280,7 @@ def test_damaged_checkpoint_is_a_clean_error(tiny_models, tiny_text, tmp_path):
         run(recipe, resume=True)
 
 
-def test_sigint_stops_at_end_of_step_with_checkpoint(tiny_models, tiny_text, tmp_path, monkeypatch):
+def test_sigint_stops_at_end_of_step_with_checkpoint(tiny_models, tiny_text, tmp_path, monkeypatch, default_sigint):
     import shdcli.train as train
 
     real, steps = train.train_step, {"n": 0}
