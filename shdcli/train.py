@@ -665,7 +665,8 @@ def evaluate_student(setup: Setup, last_val: dict[str, float], student_dir: Path
     was_training = setup.student.training
     setup.student.eval()
     try:
-        out.update(setup.kind.run_metrics(setup.student, setup.teacher, setup.val_batches, setup.device))
+        out.update(setup.kind.run_metrics(setup.student, setup.teacher, setup.val_batches, setup.recipe,
+                                             setup.device))
     finally:
         setup.student.train(was_training)
     if setup.kind.text:

@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 
 from shdcli import evaluate
+from shdcli.errors import ShdError
 from shdcli.evaluate import EvalModel, EvalOptions, HeldOut
 from shdcli.tasks import causal_lm, encoder, registry
 from shdcli.tasks.registry import load_model
@@ -290,3 +291,12 @@ def test_shd_eval_repeats_the_final_evaluation_of_a_run(tiny_models, tiny_text, 
     for key in ("similarity_pearson", "similarity_spearman"):
         assert student[key] == pytest.approx(final[key], abs=1e-6), key
     assert result["data"]["sequences"] == 6 and result["data"]["seq_len"] == 24  # batch_size x val_batches rows
+
+
+@pytest.mark.parametrize("task", ["image-classification", "diffusion"])
+def test_tasks_without_text_refuse_held_out_text_naming_the_field(task):
+    kind = registry.get(task)
+    with pytest.raises(ShdError, match=r"^--data: .* is scored on .*, not held-out text$"):
+        kind.heldout({"path": "builtin:tweets"}, 0, None, whole=True, field="--data")
+    with pytest.raises(ShdError, match=r"^STUDENT: .*, not held-out text$"):
+        kind.quality(torch.nn.Linear(1, 1), None, None, None, [], "STUDENT")

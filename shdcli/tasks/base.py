@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from shdcli.errors import ShdError
+
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
 IMAGE_CLASSIFICATION = "image-classification"
@@ -117,8 +119,9 @@ class Task(Protocol):
     def validation_extras(self, student: nn.Module, val_batches: list[Batch], device, losses: dict) -> dict:
         """Numbers validation adds to the mean losses (val_perplexity, val_top1, ...)."""
 
-    def run_metrics(self, student: nn.Module, teacher: nn.Module, val_batches: list[Batch], device) -> dict:
-        """Numbers the final evaluation adds on the run's own validation batches."""
+    def run_metrics(self, student: nn.Module, teacher: nn.Module, val_batches: list[Batch], recipe, device) -> dict:
+        """Numbers the final evaluation adds on the run's own validation batches (`recipe`: the run's, for tasks
+        that score more than those batches, e.g. a DiT's samples written to output_dir)."""
 
     def heldout(self, data: dict, seed: int, config, whole: bool = False, field: str = "data.path") -> HeldOut:
         """The held-out documents of a data section (a resolved recipe's `data` dict, train.seed `seed`):
@@ -141,6 +144,20 @@ class Task(Protocol):
     def inspect_batches(self, folder, preprocessor, data: str | None, samples: int, seq_len: int,
                         batch_size: int, max_positions: int | None) -> tuple[list[Batch], str, object | None]:
         """(batches, data label, tokenizer that labels the sample's tokens or None) for `shd inspect-heads`."""
+
+
+class NoHeldOutText:
+    """Task.heldout and Task.quality of a task `shd eval` scores without held-out text (image classifiers,
+    DiTs): both refuse in one line. `scored_on` says what the task is scored on instead."""
+
+    scored_on: str
+
+    def heldout(self, data: dict, seed: int, config, whole: bool = False, field: str = "data.path") -> HeldOut:
+        raise ShdError(f"{field}: {self.scored_on}, not held-out text")
+
+    def quality(self, model: nn.Module, tokenizer, teacher: nn.Module | None, q: QualityInputs,
+                notes: list[str], name: str) -> dict[str, float]:
+        raise ShdError(f"{name}: {self.scored_on}, not held-out text")
 
 
 def model_inputs(batch: Batch) -> Batch:

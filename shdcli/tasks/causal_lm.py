@@ -79,7 +79,7 @@ class CausalLM(TextTask):
     def validation_extras(self, student: nn.Module, val_batches: list[Batch], device, losses: dict) -> dict:
         return {"val_perplexity": math.exp(min(losses["val_task"], 700.0))}
 
-    def run_metrics(self, student: nn.Module, teacher: nn.Module, val_batches: list[Batch], device) -> dict:
+    def run_metrics(self, student: nn.Module, teacher: nn.Module, val_batches: list[Batch], recipe, device) -> dict:
         # same packed validation blocks as val_perplexity, for a like-for-like number
         return {"teacher_val_perplexity": perplexity(teacher, val_batches, device)["perplexity"]}
 

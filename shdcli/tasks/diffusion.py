@@ -41,9 +41,10 @@ from __future__ import annotations
 import functools
 import json
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ from transformers import PretrainedConfig
 from shdcli.errors import ShdError
 from shdcli.models.sources import count_parameters, resolve_source, run_info
 from shdcli.report import write_json_atomic
-from shdcli.tasks.base import DIFFUSION, Batch, HeldOut, QualityInputs, model_inputs
+from shdcli.tasks.base import DIFFUSION, Batch, NoHeldOutText, model_inputs
 from shdcli.tasks.data import eval_batches
 from shdcli.tasks.image import SPLIT_SEED, read_images, split_rows
 
@@ -442,16 +443,6 @@ def write_sample_grid(samples: dict[str, torch.Tensor], per_class: int, names: l
 
 
 # --------------------------------------------------------------------------- evaluation of a run and of folders
-@dataclass
-class RunImages:
-    """A run's images, kept by training_data for run_metrics (which receives only the validation batches)."""
-
-    data: str
-    val_fraction: float
-    out_dir: Path | None
-    teacher_samples: dict[str, Any] = field(default_factory=dict)  # the teacher's samples and scores, once
-
-
 def score_models(student: DiTModel, teacher: DiTModel, data: str, val_fraction: float, device,
                  memo: dict[str, Any] | None = None) -> tuple[dict[str, float], dict[str, torch.Tensor], list[str]]:
     """Denoising errors and sample scores of a student and its teacher on a data source's held-out split:
@@ -538,15 +529,19 @@ def parse_inspect_data(data: str | None) -> tuple[str, int]:
                        f"{source}@t={INSPECT_TIMESTEP}") from None
 
 
-class Diffusion:
+class Diffusion(NoHeldOutText):
     name = DIFFUSION
     packed = False
     ddp_find_unused = True  # the class embedding's null row (classifier-free dropout) may see no gradient
     text = False  # scored by denoising errors and samples (evaluate_folder, run_metrics), not text metrics
     regresses_teacher = False  # the denoising target is the true noise
+    scored_on = "a DiT is scored on samples and denoising errors (shd eval)"
 
     def __init__(self) -> None:
-        self.runs: dict[int, RunImages] = {}  # id(validation batches) -> the run's images (run_metrics)
+        # teacher -> (data path, val_fraction) -> the teacher's samples and scores: step 0 and the final
+        # evaluation of a run sample the teacher once (weak keys: a finished run's teacher is not kept alive)
+        self.teacher_samples: WeakKeyDictionary[nn.Module, dict[tuple[str, float], dict[str, Any]]] = \
+            WeakKeyDictionary()
 
     def matches(self, config) -> bool:
         return any(a in ARCHITECTURES for a in getattr(config, "architectures", None) or [])
@@ -578,7 +573,6 @@ class Diffusion:
         rows = NoisedImages(train.images, train.classes, abar, prediction, recipe.train.seed)
         held = NoisedImages(val.images, val.classes, abar, prediction, SPLIT_SEED)
         batches = eval_batches(held, d.batch_size, d.val_batches)
-        self.runs[id(batches)] = RunImages(d.path, d.val_fraction, Path(recipe.output_dir))
         return rows, batches
 
     def inputs(self, batch: Batch) -> Batch:
@@ -614,24 +608,15 @@ class Diffusion:
     def validation_extras(self, student: nn.Module, val_batches: list[Batch], device, losses: dict) -> dict:
         return {}  # val_task is the held-out denoising MSE
 
-    def run_metrics(self, student: nn.Module, teacher: nn.Module, val_batches: list[Batch], device) -> dict:
-        run = self.runs.get(id(val_batches))
-        if run is None:
-            raise ValueError("Diffusion.run_metrics: these validation batches were not made by training_data")
+    def run_metrics(self, student: nn.Module, teacher: nn.Module, val_batches: list[Batch], recipe, device) -> dict:
         student, teacher = _unwrap(student), _unwrap(teacher)
-        metrics, samples, names = score_models(student, teacher, run.data, run.val_fraction, device,
-                                               run.teacher_samples)
-        if run.out_dir is not None:  # the final call's grid replaces the one of step 0
-            write_sample_grid(samples, SAMPLES_PER_CLASS, names, run.out_dir / "samples.png",
-                              f"teacher (left) vs student (right), {SAMPLING_STEPS} DDIM steps")
+        d = recipe.data
+        memo = self.teacher_samples.setdefault(teacher, {}).setdefault((d.path, d.val_fraction), {})
+        metrics, samples, names = score_models(student, teacher, d.path, d.val_fraction, device, memo)
+        # the final call's grid replaces the one of step 0
+        write_sample_grid(samples, SAMPLES_PER_CLASS, names, Path(recipe.output_dir) / "samples.png",
+                          f"teacher (left) vs student (right), {SAMPLING_STEPS} DDIM steps")
         return metrics
-
-    def heldout(self, data: dict, seed: int, config, whole: bool = False, field: str = "data.path") -> HeldOut:
-        raise ShdError(f"{field}: a DiT is scored on samples and denoising errors (shd eval), not held-out text")
-
-    def quality(self, model: nn.Module, tokenizer, teacher: nn.Module | None, q: QualityInputs,
-                notes: list[str], name: str) -> dict[str, float]:
-        raise ShdError(f"{name}: a DiT is scored on samples and denoising errors (shd eval), not held-out text")
 
     def output(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(**model_inputs(batch)).sample.float()  # [B, C, H, W]

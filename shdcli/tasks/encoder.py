@@ -66,7 +66,7 @@ class Encoder(TextTask):
     def validation_extras(self, student: nn.Module, val_batches: list[Batch], device, losses: dict) -> dict:
         return {}
 
-    def run_metrics(self, student: nn.Module, teacher: nn.Module, val_batches: list[Batch], device) -> dict:
+    def run_metrics(self, student: nn.Module, teacher: nn.Module, val_batches: list[Batch], recipe, device) -> dict:
         return {}
 
     def quality(self, model: nn.Module, tokenizer, teacher: nn.Module | None, q: QualityInputs,

@@ -36,7 +36,7 @@ from torch import nn
 from shdcli.errors import ShdError
 from shdcli.models.sources import count_parameters, resolve_source
 from shdcli.report import write_json_atomic
-from shdcli.tasks.base import IMAGE_CLASSIFICATION, Batch, HeldOut, QualityInputs, model_inputs
+from shdcli.tasks.base import IMAGE_CLASSIFICATION, Batch, NoHeldOutText, model_inputs
 from shdcli.tasks.classify import (
     ClassifierLosses,
     class_kl,
@@ -461,12 +461,13 @@ IMAGE_DATA = "builtin:digits"  # default samples of `shd inspect-heads` for imag
 CLASSIFIER_SUFFIXES = ("ForImageClassification", "ForImageClassificationWithTeacher")
 
 
-class ImageClassification(ClassifierLosses):
+class ImageClassification(NoHeldOutText, ClassifierLosses):
     name = IMAGE_CLASSIFICATION
     packed = False
     ddp_find_unused = True
     text = False  # scored by evaluate_classifier (top-1/top-5, confusion matrix), not the text metrics
     regresses_teacher = False  # labels + class-logit KD
+    scored_on = "an image classifier is scored on images (evaluate_classifier)"
 
     def matches(self, config) -> bool:
         return any(a.endswith(CLASSIFIER_SUFFIXES) for a in getattr(config, "architectures", None) or [])
@@ -494,18 +495,11 @@ class ImageClassification(ClassifierLosses):
     def validation_extras(self, student: nn.Module, val_batches: list[Batch], device, losses: dict) -> dict:
         return {"val_top1": accuracy_metrics(student, val_batches, device)["top1"]}
 
-    def run_metrics(self, student: nn.Module, teacher: nn.Module, val_batches: list[Batch], device) -> dict:
+    def run_metrics(self, student: nn.Module, teacher: nn.Module, val_batches: list[Batch], recipe, device) -> dict:
         out = {}
         for role, model in (("student", student), ("teacher", teacher)):
             out.update({f"{role}_{k}": v for k, v in accuracy_metrics(model, val_batches, device).items()})
         return out
-
-    def heldout(self, data: dict, seed: int, config, whole: bool = False, field: str = "data.path") -> HeldOut:
-        raise ShdError(f"{field}: an image classifier is scored on images (evaluate_classifier), not held-out text")
-
-    def quality(self, model: nn.Module, tokenizer, teacher: nn.Module | None, q: QualityInputs,
-                notes: list[str], name: str) -> dict[str, float]:
-        raise ShdError(f"{name}: an image classifier is scored on images (evaluate_classifier), not held-out text")
 
     def output(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(**model_inputs(batch)).logits.float()  # [B, C]

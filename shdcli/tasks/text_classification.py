@@ -352,7 +352,7 @@ class SequenceClassification(ClassifierLosses, TextTask):
         logits, labels = predict(student, val_batches, device)
         return {"val_accuracy": float((logits.argmax(-1) == labels).float().mean())}
 
-    def run_metrics(self, student: nn.Module, teacher: nn.Module, val_batches: list[Batch], device) -> dict:
+    def run_metrics(self, student: nn.Module, teacher: nn.Module, val_batches: list[Batch], recipe, device) -> dict:
         return {}  # the held-out metrics come from quality() in the final evaluation
 
     def heldout(self, data: dict, seed: int, config, whole: bool = False, field: str = "data.path") -> HeldOut:
