@@ -168,8 +168,9 @@ def eval_(
         list[str] | None, typer.Option(help="More students for the same table (--compare A B or repeat it).")
     ] = None,
     data: Annotated[
-        str | None, typer.Option(help="Held-out text (default: the run's validation split, else builtin:sentences); "
-                                 "text classifiers: labelled rows (a builtin corpus: its fixed held-out split); "
+        str | None, typer.Option(help="Held-out text (default, and when it names the run's own data: the run's "
+                                 "validation split; else builtin:sentences); text classifiers: labelled rows "
+                                 "(a builtin corpus: its fixed held-out split); "
                                  "image classifiers: images (default: the run's data, held-out split).")
     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON instead of a table.")] = False,

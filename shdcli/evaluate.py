@@ -277,6 +277,16 @@ def heldout_from_recipe(recipe: dict, task: str, config) -> HeldOut:
     return get_task(task).heldout(recipe["data"], recipe.get("train", {}).get("seed", 0), config)
 
 
+def same_source(data: str, run_path: str | None) -> bool:
+    """Whether `shd eval --data` names the data the run trained on (the same builtin, or the same file however
+    the path is spelt): the run's held-out split is scored then, never the rows the student trained on."""
+    if run_path is None:
+        return False
+    if data == run_path:
+        return True
+    return Path(data).exists() and Path(run_path).exists() and Path(data).resolve() == Path(run_path).resolve()
+
+
 def _load(spec: str, field_name: str, task: str | None = None) -> EvalModel:
     folder = resolve_source(spec, field_name)
     model, tokenizer, task = load_model(folder, field_name, task=task)
@@ -340,10 +350,9 @@ def run_eval(names: list[str], teacher_spec: str | None, data: str | None, optio
     if options.out_dir is None:  # plots (a classifier's confusion matrices) go next to the student
         base = Path.cwd() / students[0].folder.name if names[0].startswith("pkg://") else students[0].folder
         options = replace(options, out_dir=str(base.parent / f"{base.name}_eval"))
-    if data is not None:
-        fields = {k: v for k, v in run_data.items() if k.endswith("_field")} if data == run_data.get("path") else {}
-        heldout = kind.heldout({**fields, "path": data}, 0, config, whole=True, field="--data")
-    elif run_data.get("path"):
+    if data is not None and not same_source(data, run_data.get("path")):
+        heldout = kind.heldout({"path": data}, 0, config, whole=True, field="--data")
+    elif run_data.get("path"):  # the run's own data (--data naming it too): only the rows it held out
         heldout = heldout_from_recipe(first.recipe, students[0].task, config)
     else:
         heldout = HeldOut(read_documents("builtin:sentences"), "builtin:sentences")

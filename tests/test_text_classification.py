@@ -122,6 +122,12 @@ def test_classifier_teacher_gives_a_classifier_student_that_learns(tmp_path, mon
                               str(tmp_path / "fresh.jsonl"))
     assert code == 0, err[-3000:]
     assert json.loads(out)["students"][0]["eval_rows"] == 64 and json.loads(out)["students"][0]["accuracy"] >= 0.8
+    # --data naming the run's own file, spelt another way: its held-out split, not the rows the student trained on
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(monkeypatch, capfd, "eval", str(student_dir), "--json", "--no-speed", "--data",
+                              "toy.jsonl")
+    assert code == 0, err[-3000:]
+    assert json.loads(out)["students"][0]["eval_rows"] == final["eval_rows"]
 
 
 def test_derived_student_keeps_pooler_and_classifier_on_the_kept_channels(tmp_path):
