@@ -24,8 +24,10 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel  # noqa: E402
 from shdcli import demo  # noqa: E402
 from shdcli.attention import capture  # noqa: E402
 from shdcli.errors import ShdError  # noqa: E402
-from shdcli.models.families import enable_capture  # noqa: E402
+from shdcli.models.families import enable_capture, model_shape  # noqa: E402
+from shdcli.recipe import validate_recipe  # noqa: E402
 from shdcli.tasks import diffusion  # noqa: E402
+from shdcli.train import make_student  # noqa: E402
 from tests.conftest import run_main  # noqa: E402
 
 
@@ -187,3 +189,15 @@ def test_a_narrower_student_initialised_from_the_teacher_is_refused(teacher, tmp
         "output_dir": str(tmp_path / "o")}))
     code, _, err = run_main(monkeypatch, capsys, "distill", str(recipe))
     assert code == 2 and "init: random" in err
+
+
+def test_a_narrower_student_has_the_mlp_its_derivation_shows(teacher):
+    """A DiT's MLP is 4 x its width: a student at width 12 has 48 MLP neurons, and its derivation (the table
+    `shd distill` prints) says 48, not the teacher's 96."""
+    recipe = validate_recipe({"task": "diffusion", "teacher": str(teacher), "data": {"path": "builtin:digits"},
+                              "student": {"from_teacher": {"heads": 2, "hidden_size": 12, "init": "random"}}})
+    t_model = diffusion.DiTModel.from_pretrained(teacher)
+    student, _, derivation = make_student(recipe, t_model, None, "diffusion")
+    assert model_shape(t_model.config).intermediate == 96
+    assert derivation.shape.intermediate == 48 == model_shape(student.config).intermediate
+    assert all(len(kept) == 48 for kept in derivation.neurons)

@@ -263,8 +263,21 @@ def test_importance_pruned_students_build_and_run(teachers, kind):
     assert torch.isfinite(output(student, kind, b)).all() and t.hidden > shape.hidden
 
 
+def test_a_narrower_gpt2_keeps_the_mlp_width_it_was_given(teachers):
+    """GPT-2's n_inner null means 4 x the width: a student narrowed to 24 channels keeps the MLP width its
+    shape names (the teacher's 192), not 4 x 24, and its neurons are the ones derive chose."""
+    teacher = teachers["gpt2"]
+    t = model_shape(teacher.config)
+    assert teacher.config.n_inner is None and t.intermediate == 192
+    for mlp, prune in ((t.intermediate, "uniform"), (t.intermediate // 2, "importance")):
+        student, d = derived(teacher, "gpt2", StudentShape(2, 2, 2, 24, mlp), prune=prune)
+        assert decoder_layers(student)[0].mlp.c_fc.weight.shape == (24, mlp)  # Conv1D [in, out]
+        assert model_shape(student.config).intermediate == mlp
+        assert all(n is None if mlp == t.intermediate else len(n) == mlp for n in d.neurons)
+
+
 # --------------------------------------------------------------------------- target size
-@pytest.mark.parametrize("kind", ["llama", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_params_target_gives_the_largest_shape_on_the_path_that_fits(teachers, kind):
     teacher = teachers[kind]
     t = model_shape(teacher.config)

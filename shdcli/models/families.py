@@ -510,6 +510,8 @@ def derive_student_config(teacher_config, layer_pairs: list[tuple[int, int]], he
         if getattr(config, "word_embed_proj_dim", None) == shape.hidden:  # OPT embeds at the model width
             config.word_embed_proj_dim = hidden
         config.hidden_size = hidden
+    if intermediate is None and hidden is not None and getattr(config, family.intermediate_field, None) is None:
+        intermediate = shape.intermediate  # GPT-2's n_inner null means 4 x the width: keep the teacher's MLP width
     if intermediate is not None:
         setattr(config, family.intermediate_field, intermediate)
     layer_types = getattr(config, "layer_types", None)

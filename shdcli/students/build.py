@@ -23,6 +23,7 @@ from shdcli.recipe import Recipe
 from shdcli.students.derive import (
     Derivation,
     build_student,
+    built_shape,
     config_counter,
     derive,
     init_from_teacher,
@@ -87,6 +88,7 @@ def make_student(
                        f"{ft.heads or t_shape.heads} heads")
     shape = resolve_shape(t_shape, ft.layers, ft.heads, ft.kv_heads, ft.hidden_size, ft.intermediate_size, ft.params,
                           config_counter(teacher, task), has_fixed_head_dim(teacher.config))
+    shape = built_shape(teacher.config, shape)
     # ---- what to keep (measured on calibration batches) and the plan's layer pairs
     prune = ft.prune if ft.init == "teacher" else "uniform"
     needs_data = prune == "importance" or d.grouping == "calibrated"

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from rich.table import Table
@@ -169,6 +169,13 @@ def resolve_shape(t_shape: ModelShape, layers: int | None, heads: int | None, kv
         f"parameters; the smallest it reaches is {shape.text()} at {count(shape) / (budget / params):.2f} x; "
         "raise params, or give layers / hidden_size / intermediate_size explicitly"
     )
+
+
+def built_shape(teacher_config, shape: StudentShape) -> StudentShape:
+    """The shape as the student's config builds it: an MLP tied to the width (a DiT's is 4 x its width)
+    follows the width chosen, so what is printed and pruned is the MLP the student has."""
+    config = student_config(teacher_config, uniform_layers(model_shape(teacher_config).layers, shape.layers), shape)
+    return replace(shape, intermediate=model_shape(config).intermediate)
 
 
 def student_config(teacher_config, teacher_layers: list[int], shape: StudentShape):
