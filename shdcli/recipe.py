@@ -107,7 +107,7 @@ class DataSpec(Section):
 
 class DistillSpec(Section):
     # auto | last | [[student, teacher], ...] | {every: N} (the last student layer and every N-th below it)
-    # | {last: N} (the last N student layers); see mapping.layer_pairs
+    # | {last: N} (the last N student layers) | {first: N} (the first N; the others left free); see mapping.layer_pairs
     layers: Literal["auto", "last"] | list[tuple[int, int]] | dict[str, int] = "auto"
     grouping: Literal["balanced", "pairs", "calibrated"] = "balanced"
     calibration_batches: int = Field(8, ge=1, description="training batches the teacher sees to calibrate grouping "
@@ -147,8 +147,8 @@ class DistillSpec(Section):
     def _layer_subset(cls, value: Any) -> Any:
         if not isinstance(value, dict):
             return value
-        if len(value) != 1 or next(iter(value)) not in ("every", "last"):
-            raise ValueError(f"{value!r} is not a layer selection; write {{every: N}} or {{last: N}} "
+        if len(value) != 1 or next(iter(value)) not in ("every", "last", "first"):
+            raise ValueError(f"{value!r} is not a layer selection; write {{every: N}}, {{last: N}} or {{first: N}} "
                              "(or auto, last, or a list of [student, teacher] pairs)")
         (form, n), = value.items()
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -200,7 +200,7 @@ def test_format_groups():
     assert format_groups([[0, 1], [2]]) == "{0,1} {2}"
 
 
-# --------------------------------------------------------------------------- {every: N} / {last: N}
+# --------------------------------------------------------------------------- {every: N} / {last: N} / {first: N}
 @pytest.mark.parametrize("spec,expected", [
     ({"last": 1}, [(5, 5)]),
     ({"last": 3}, [(3, 3), (4, 4), (5, 5)]),
@@ -208,6 +208,9 @@ def test_format_groups():
     ({"every": 2}, [(1, 1), (3, 3), (5, 5)]),
     ({"every": 4}, [(1, 1), (5, 5)]),
     ({"every": 9}, [(5, 5)]),
+    ({"first": 1}, [(0, 0)]),
+    ({"first": 5}, [(i, i) for i in range(5)]),
+    ({"first": 6}, [(i, i) for i in range(6)]),
 ])
 def test_layer_subsets_of_a_same_depth_student(spec, expected):
     assert layer_pairs(6, 6, spec) == expected
@@ -217,6 +220,7 @@ def test_layer_subsets_use_the_auto_rule_for_the_teacher_layer():
     auto = dict(layer_pairs(30, 6, "auto"))
     assert layer_pairs(30, 6, {"last": 2}) == [(4, auto[4]), (5, 29)]
     assert layer_pairs(30, 6, {"every": 3}) == [(2, auto[2]), (5, 29)]
+    assert layer_pairs(30, 6, {"first": 2}) == [(0, auto[0]), (1, auto[1])]
 
 
 def test_layer_subsets_from_a_recipe_and_their_errors():
@@ -229,11 +233,14 @@ def test_layer_subsets_from_a_recipe_and_their_errors():
     assert validate_recipe({**base, "distill": {"layers": [[0, 1]]}}).distill.layers == [(0, 1)]
     with pytest.raises(ShdError, match="distill.layers"):
         validate_recipe({**base, "distill": {"layers": {"every": 0}}})
+    assert validate_recipe({**base, "distill": {"layers": {"first": 2}}}).distill.layers == {"first": 2}
     with pytest.raises(ShdError, match="distill.layers"):
-        validate_recipe({**base, "distill": {"layers": {"first": 2}}})
+        validate_recipe({**base, "distill": {"layers": {"top": 2}}})
     with pytest.raises(ShdError, match=r"distill.layers: last: 5 is more than the student's 4 layers; choose 1..4"):
         layer_pairs(6, 4, {"last": 5})
+    with pytest.raises(ShdError, match=r"distill.layers: first: 5 is more than the student's 4 layers; choose 1..4"):
+        layer_pairs(6, 4, {"first": 5})
     with pytest.raises(ShdError, match=r"distill.layers: every: 0 must be a whole number >= 1"):
         layer_pairs(6, 4, {"every": 0})
-    with pytest.raises(ShdError, match=r"not a layer selection; write \{every: N\} or \{last: N\}"):
+    with pytest.raises(ShdError, match=r"not a layer selection; write \{every: N\}, \{last: N\} or \{first: N\}"):
         layer_pairs(6, 4, {"every": 2, "last": 1})

@@ -13,18 +13,20 @@ from shdcli.attention.shd import group_feature_bases, group_heads
 from shdcli.errors import ShdError
 from shdcli.models.families import ModelShape, model_shape, output_projection
 
+SUBSETS = ("every", "last", "first")  # distill.layers: {form: N}
+
 
 def _auto_teacher_layer(i: int, teacher_layers: int, student_layers: int) -> int:
     return math.ceil((i + 1) * teacher_layers / student_layers) - 1
 
 
 def _subset_spec(spec) -> tuple[str, object] | None:
-    """{every: N} / {last: N} -> (form, N); None for the other forms."""
+    """{every: N} / {last: N} / {first: N} -> (form, N); None for the other forms."""
     if not isinstance(spec, dict):
         return None
-    if len(spec) != 1 or next(iter(spec)) not in ("every", "last"):
-        raise ShdError(f"distill.layers: {spec!r} is not a layer selection; write {{every: N}} or {{last: N}} "
-                       "(or auto, last, or a list of [student, teacher] pairs)")
+    if len(spec) != 1 or next(iter(spec)) not in SUBSETS:
+        raise ShdError(f"distill.layers: {spec!r} is not a layer selection; write {{every: N}}, {{last: N}} or "
+                       "{first: N} (or auto, last, or a list of [student, teacher] pairs)")
     return next(iter(spec.items()))
 
 
@@ -34,7 +36,8 @@ def layer_pairs(teacher_layers: int, student_layers: int, spec) -> list[tuple[in
     auto: student layer i of Ls learns from teacher layer ceil((i + 1) * Lt / Ls) - 1 (uniform,
           last layers aligned). last: only the final layers. A list: explicit [[s, t], ...].
     {every: N}: student layers Ls-1, Ls-1-N, Ls-1-2N, ... (the last layer and every N-th below it);
-    {last: N}: the last N student layers; both map each chosen layer by the auto rule.
+    {last: N}: the last N student layers; {first: N}: the first N (the last Ls - N left free, as attention
+    transfer leaves the layers nearest the task loss); all three map each chosen layer by the auto rule.
     """
     if student_layers > teacher_layers:
         raise ShdError(
@@ -50,11 +53,11 @@ def layer_pairs(teacher_layers: int, student_layers: int, spec) -> list[tuple[in
         form, n = subset
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ShdError(f"distill.layers: {form}: {n!r} must be a whole number >= 1")
-        if form == "last" and n > student_layers:
-            raise ShdError(f"distill.layers: last: {n} is more than the student's {student_layers} layers; "
+        if form in ("last", "first") and n > student_layers:
+            raise ShdError(f"distill.layers: {form}: {n} is more than the student's {student_layers} layers; "
                            f"choose 1..{student_layers}")
-        chosen = range(student_layers - n, student_layers) if form == "last" else range(
-            (student_layers - 1) % n, student_layers, n)
+        chosen = {"last": range(student_layers - n, student_layers), "first": range(n),
+                  "every": range((student_layers - 1) % n, student_layers, n)}[form]
         return [(i, _auto_teacher_layer(i, teacher_layers, student_layers)) for i in chosen]
     pairs = []
     for item in spec:

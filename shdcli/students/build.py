@@ -131,7 +131,7 @@ def make_student(
 
 def derived_pairs(spec, kept: list[int], teacher_layers: int) -> list[tuple[int, int]]:
     """(student layer, teacher layer) pairs of a derived student: `auto` (and the student layers that
-    {every: N} / {last: N} choose) map to the teacher layer each was copied from; `last` the final
+    {every: N} / {last: N} / {first: N} choose) map to the teacher layer each was copied from; `last` the final
     layers; explicit lists as given."""
     if spec == "auto":
         return list(enumerate(kept))
