@@ -34,10 +34,36 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+# A field marked RESUME_FREE does not change what a run trains (its length, where it runs and logs, what the
+# evaluation scores): `--resume` accepts another value, and Recipe.fingerprint leaves it out. Every other field
+# is part of the run's identity.
+RESUME_FREE: dict[str, Any] = {"resume": "free"}
+
+
+def free_field(default: Any, **kwargs: Any) -> Any:
+    """pydantic's Field for a RESUME_FREE field."""
+    return Field(default, json_schema_extra=RESUME_FREE, **kwargs)
+
+
+def _resume_free(field: Any) -> bool:
+    return isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("resume") == "free"
+
+
+def run_defining(section: BaseModel, dumped: dict) -> dict:
+    """`dumped` (section.model_dump(mode="json")) without the RESUME_FREE fields, at every depth."""
+    out = {}
+    for name, field in type(section).model_fields.items():
+        if _resume_free(field):
+            continue
+        value = getattr(section, name)
+        out[name] = run_defining(value, dumped[name]) if isinstance(value, BaseModel) else dumped[name]
+    return out
+
+
 class TeacherSpec(Section):
     path: PathText = Field(description="HF folder, .gguf file or pkg://package/path")
     trust_remote_code: bool = False
-    allow_pickle: bool = False
+    allow_pickle: bool = free_field(False)  # how files load, not the run
 
 
 class FromTeacher(Section):
@@ -67,7 +93,7 @@ class LoraSpec(Section):
 class StudentSpec(Section):
     path: PathText | None = None
     from_teacher: FromTeacher | None = None
-    allow_pickle: bool = False
+    allow_pickle: bool = free_field(False)
     lora: LoraSpec | None = Field(None, description="train LoRA adapters on the (frozen) student; needs peft")
 
     @model_validator(mode="after")
@@ -101,8 +127,8 @@ class DataSpec(Section):
     val_batches: int = Field(8, ge=1)
     ood_eval: PathText | None = Field(None, description="a second corpus (e.g. builtin:fortunes), never trained on, "
                                       "scored at init and in the final evaluation (ood_* metrics)")
-    eval_tokens: int = Field(4096, ge=2, description="tokens of the held-out split (and of ood_eval) the evaluation "
-                             "at init and at the end scores for perplexity: fewer is faster and noisier")
+    eval_tokens: int = free_field(4096, ge=2, description="tokens of the held-out split (and of ood_eval) the "
+                                  "evaluation at init and at the end scores for perplexity: fewer is faster, noisier")
 
 
 class DistillSpec(Section):
@@ -164,33 +190,33 @@ class DistillSpec(Section):
 
 
 class TrainSpec(Section):
-    max_steps: int = Field(100, ge=1)
+    max_steps: int = free_field(100, ge=1)
     lr: float = Field(5e-4, gt=0.0)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.01, ge=0.0)
     grad_accum: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, ge=0.0)
     seed: int = 0
-    eval_every: int = Field(25, ge=1)
-    log_every: int = Field(10, ge=1, description="steps between lines of the run log (output_dir/logs/metrics.jsonl, "
-                           "the trackers) and, off a terminal, of the console")
-    report_to: list[Literal["jsonl", "tensorboard", "mlflow", "wandb"]] = Field(
+    eval_every: int = free_field(25, ge=1)
+    log_every: int = free_field(10, ge=1, description="steps between lines of the run log "
+                                "(output_dir/logs/metrics.jsonl, the trackers) and, off a terminal, of the console")
+    report_to: list[Literal["jsonl", "tensorboard", "mlflow", "wandb"]] = free_field(
         ["jsonl"], description="trackers the run logs to while it trains (shdcli/trackers.py); tensorboard, mlflow "
         "and wandb need their pip extras")
     grad_norms_every: int = Field(10, ge=0, description="steps between measurements of the per-part gradient norms "
                                   "(task, logit, shd; costs one extra backward per part); 0 = never")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = free_field("auto")
     dtype: Literal["float32", "bfloat16"] = "float32"
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
-    strategy: Literal["ddp", "fsdp"] = Field(
+    threads: int = free_field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    strategy: Literal["ddp", "fsdp"] = free_field(
         "ddp", description="under torchrun: ddp (student replicated) or fsdp (student sharded, FSDP2)"
     )
-    save_every: int = Field(50, ge=1, description="steps between checkpoints (also saved at the end and on Ctrl-C)")
-    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in output_dir/checkpoints")
+    save_every: int = free_field(50, ge=1, description="steps between checkpoints (also at the end and on Ctrl-C)")
+    keep_checkpoints: int = free_field(2, ge=1, description="newest checkpoints kept in output_dir/checkpoints")
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="teacher weights (it only runs forward); auto = bfloat16 on a CUDA GPU that supports it"
     )
-    compile: bool = Field(False, description="torch.compile the student (slow first steps; worth it on CUDA)")
+    compile: bool = free_field(False, description="torch.compile the student (slow first steps; worth it on CUDA)")
 
 
 class Recipe(Section):
@@ -205,7 +231,7 @@ class Recipe(Section):
     data: DataSpec
     distill: DistillSpec = DistillSpec()
     train: TrainSpec = TrainSpec()
-    output_dir: PathText = "runs/shd"
+    output_dir: PathText = free_field("runs/shd")
 
     @field_validator("teacher", mode="before")
     @classmethod
@@ -221,15 +247,8 @@ class Recipe(Section):
         return self.model_dump(mode="json")
 
     def fingerprint(self) -> str:
-        """Hash of everything that defines the run except its length and output place."""
-        data = self.resolved()
-        for key in ("max_steps", "eval_every", "log_every", "device", "threads", "strategy", "save_every",
-                    "keep_checkpoints", "compile", "report_to"):
-            data["train"].pop(key, None)
-        for section in ("teacher", "student"):  # --allow-pickle changes how files load, not the run
-            data[section].pop("allow_pickle", None)
-        data["data"].pop("eval_tokens", None)  # what the evaluation scores, not what trains
-        data.pop("output_dir", None)
+        """Hash of every field that defines the run (all but the RESUME_FREE ones)."""
+        data = run_defining(self, self.resolved())
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -7,7 +7,9 @@ file at fault; nothing else may escape (the fuzz tests at the bottom check that)
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import typing
 
 import pytest
 import yaml
@@ -20,6 +22,9 @@ from shdcli.recipe import (
     DistillSpec,
     FromTeacher,
     Recipe,
+    Section,
+    StudentSpec,
+    TeacherSpec,
     TrainSpec,
     apply_overrides,
     load_recipe,
@@ -108,6 +113,57 @@ def test_fingerprint_ignores_length_evaluation_and_output_only():
     d = validate_recipe(minimal(data={"path": "train.txt", "seq_len": 64}))
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != c.fingerprint() and a.fingerprint() != d.fingerprint()
+
+
+def _other_values(annotation, current) -> list:
+    """Candidate values of a field other than `current`, from its type (Literal choices, numbers nearby)."""
+    choices = [a for a in _flat_args(annotation) if not isinstance(a, type) and a is not None]
+    if isinstance(current, bool):
+        return [not current]
+    if current is None or isinstance(current, (int, float)) and not isinstance(current, bool):
+        base = current if current is not None else 0
+        numbers = [base + 1, base + 2, 0.5, 0.25, 2] if int in _flat_args(annotation) else [0.5, 0.25, 2.0, base * 2]
+        return [c for c in choices if c != current] + [n for n in numbers if n != current] + ["elsewhere"]
+    if isinstance(current, list):
+        return [["jsonl", "tensorboard"]]
+    return [c for c in choices if c != current] + [f"{current}_elsewhere"]
+
+
+def _flat_args(annotation) -> list:
+    args = typing.get_args(annotation)
+    if not args:
+        return [annotation]
+    return [leaf for a in args for leaf in (_flat_args(a) if typing.get_args(a) else [a])]
+
+
+def test_the_fingerprint_follows_each_fields_resume_mark():
+    """Every field of every section, changed alone: the fingerprint stays for a RESUME_FREE field (its value
+    may change between a run and its --resume) and changes for any other (a new field is part of the run's
+    identity unless marked)."""
+    reference = validate_recipe(minimal())
+    for path, model in [((), Recipe), (("teacher",), TeacherSpec), (("student",), StudentSpec),
+                        (("student", "from_teacher"), FromTeacher), (("data",), DataSpec),
+                        (("distill",), DistillSpec), (("train",), TrainSpec)]:
+        owner = functools.reduce(getattr, path, reference)
+        for name, field in model.model_fields.items():
+            current = getattr(owner, name)
+            if isinstance(current, Section) or name in ("teacher", "student", "data", "lora"):
+                continue  # sections are walked themselves (lora: a student option that needs peft)
+            for value in _other_values(field.annotation, current):
+                changed = copy.deepcopy(reference.resolved())
+                functools.reduce(dict.__getitem__, path, changed)[name] = value
+                if path == ("student",) and name == "path":
+                    changed["student"]["from_teacher"] = None
+                try:
+                    recipe = validate_recipe(changed)
+                except ShdError:
+                    continue
+                free = (field.json_schema_extra or {}).get("resume") == "free"
+                where = ".".join([*path, name])
+                assert (recipe.fingerprint() == reference.fingerprint()) == free, f"{where}={value!r}"
+                break
+            else:
+                raise AssertionError(f"no other valid value found for {'.'.join([*path, name])}")
 
 
 # =========================================================================== --set overrides
