@@ -36,9 +36,6 @@ app = typer.Typer(
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
-_DEBUG = False
-
-
 def _offline() -> None:
     from transformers.utils import logging as hf_logging  # third-party, lazy: `shd --help` needs none of it
 
@@ -47,8 +44,7 @@ def _offline() -> None:
 
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
-    global _DEBUG
-    _DEBUG = debug
+    del debug  # main() reads --debug from sys.argv: it must know before typer parses (errors while parsing)
     _offline()
 
 

@@ -23,7 +23,7 @@ GroupingMode = Literal["balanced", "pairs"]
 
 
 # --------------------------------------------------------------------------- head grouping
-def group_heads(ht: int, hs: int, mode: str = "balanced") -> list[list[int]]:
+def group_heads(ht: int, hs: int, mode: GroupingMode = "balanced") -> list[list[int]]:
     """Contiguous groups of the ht teacher heads, one group per student head.
 
     balanced: hs groups whose sizes differ by at most one, larger groups first (12 -> 5: 3,3,2,2,2).
@@ -120,7 +120,7 @@ def squeeze_statistics(
     return gram, rhs
 
 
-def solve_weights(gram: torch.Tensor, rhs: torch.Tensor, mode: str = "lsq") -> torch.Tensor:
+def solve_weights(gram: torch.Tensor, rhs: torch.Tensor, mode: AlphaMode = "lsq") -> torch.Tensor:
     """Group weights w [B, k] on the simplex from the statistics of `squeeze_statistics`.
 
     lsq: least squares on the simplex. k = 2 is the paper's closed form
@@ -233,7 +233,7 @@ def squeeze_weights(
     maps: torch.Tensor,
     feats: torch.Tensor,
     groups: list[list[int]],
-    mode: str = "lsq",
+    mode: AlphaMode = "lsq",
     row_mask: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Per-group weights from whole maps. maps [B, Ht, N, M], feats [B, Ht, M, D] -> Hs tensors [B, k_j]."""
@@ -250,7 +250,7 @@ def squeeze(
     maps: torch.Tensor,
     feats: torch.Tensor,
     groups: list[list[int]],
-    mode: str = "lsq",
+    mode: AlphaMode = "lsq",
     row_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Squeeze Ht teacher maps [B, Ht, N, M] into Hs maps [B, Hs, N, M]; also returns the weights."""
@@ -294,7 +294,7 @@ def group_feature_bases(w_out: torch.Tensor, groups: list[list[int]], head_dim: 
 
 # --------------------------------------------------------------------------- the loss
 def attention_kd_rows(
-    target: torch.Tensor, student_scores: torch.Tensor, row_mask: torch.Tensor | None, kind: str = "kl"
+    target: torch.Tensor, student_scores: torch.Tensor, row_mask: torch.Tensor | None, kind: AttnLoss = "kl"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of the per-row attention distillation loss over a block of rows, and the row count.
 
@@ -327,7 +327,7 @@ def attention_kd_rows(
     return torch.where(keep, per_row, torch.zeros_like(per_row)).sum(), keep.sum().to(per_row.dtype)
 
 
-def loss_scale(kind: str, tau: float) -> float:
+def loss_scale(kind: AttnLoss, tau: float) -> float:
     """tau^2 keeps KL gradients comparable across temperatures (Hinton et al.); other losses are unscaled."""
     return tau * tau if kind == "kl" else 1.0
 
@@ -336,7 +336,7 @@ def attention_kd_loss(
     target: torch.Tensor,
     student_scores: torch.Tensor,
     row_mask: torch.Tensor | None,
-    kind: str = "kl",
+    kind: AttnLoss = "kl",
     tau: float = 1.0,
 ) -> torch.Tensor:
     """Mean per-row attention distillation loss over (batch, heads, valid rows), scaled for tau."""
