@@ -21,10 +21,11 @@ LAYERS = [
     ("models", "shdcli.models"),
     ("tasks", "shdcli.tasks"),
     ("students", "shdcli.students"),
-    ("workflows", {"shdcli.train", "shdcli.checkpoint", "shdcli.evaluate", "shdcli.heads", "shdcli.export",
+    ("workflows", {"shdcli.train", "shdcli.checkpoint", "shdcli.evaluate", "shdcli.export",
                    "shdcli.model_card", "shdcli.demo", "shdcli.callbacks", "shdcli.progress", "shdcli.trackers",
                    "shdcli.plots", "shdcli.compare", "shdcli.optim", "shdcli.teacher",
-                   "shdcli.memory"}),
+                   "shdcli.memory", "shdcli.heads", "shdcli.heads.measure", "shdcli.heads.run", "shdcli.heads.report",
+                   "shdcli.heads.plots"}),
     ("cli", {"shdcli.cli", "shdcli.__main__"}),
 ]
 

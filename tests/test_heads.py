@@ -102,7 +102,7 @@ def test_layer_error_pools_groups_of_mixed_sizes(exact):
     feats_full = torch.randn(2, 6, 5, 8, dtype=F64, generator=torch.Generator().manual_seed(8))
     groups = [[0, 1, 2], [3, 4], [5]]
     feats = [feats_full[:, g] for g in groups]
-    layer, per_group, weights = heads._group_errors(maps, feats, groups, heads.MODES, None, exact=exact)
+    layer, per_group, weights = heads.measure._group_errors(maps, feats, groups, heads.MODES, None, exact=exact)
     for mode in heads.MODES:
         assert torch.allclose(layer[mode], ref_layer_error(maps, feats_full, groups, mode), atol=1e-6)
         assert per_group[mode][:, 2].abs().max() == 0  # the lone head loses nothing
@@ -193,7 +193,7 @@ def test_table_shows_the_json_numbers(gpt2_report):
 
 
 def test_outputs_without_matplotlib_still_write_json(gpt2_report, tmp_path, monkeypatch):
-    monkeypatch.setattr(heads, "have_matplotlib", lambda: False)
+    monkeypatch.setattr(heads.report, "have_matplotlib", lambda: False)
     files, note = heads.write_outputs(gpt2_report, tmp_path / "out")
     assert [f.name for f in files] == ["heads.json"]
     assert "pip install 'shd[plot]'" in note

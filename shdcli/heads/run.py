@@ -1,0 +1,97 @@
+"""`shd inspect-heads` loading: resolve a model, read its samples (text or images), measure its heads."""
+
+from __future__ import annotations
+
+import torch
+
+from shdcli.errors import ShdError
+from shdcli.heads.measure import HeadsReport, default_heads, groups_per_layer_grouper, inspect_heads
+from shdcli.models.families import model_shape
+from shdcli.models.grouping import calibrate_teacher
+from shdcli.models.sources import resolve_source
+from shdcli.tasks.data import TokenBlocks, eval_batches, tokenize
+from shdcli.tasks.registry import get as get_task
+from shdcli.tasks.registry import load_model
+
+
+# --------------------------------------------------------------------------- loading (CLI)
+def text_batches(docs: list[str], tokenizer, task: str, samples: int, seq_len: int,
+                 batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The first `samples` sequences of the text: packed seq_len blocks for a causal LM (as in
+    training), one padded sequence per document (cut at seq_len) for an encoder."""
+    blocks = tokenize(docs, tokenizer, seq_len, packed=get_task(task).packed)
+    blocks = TokenBlocks(blocks.input_ids[:samples], blocks.attention_mask[:samples])
+    return eval_batches(blocks, batch_size)
+
+
+GROUPINGS = ("balanced", "pairs", "calibrated")
+
+
+def run_inspect(model_spec: str, data: str | None = None, samples: int = 32, seq_len: int = 64,
+                batch_size: int = 8, target_heads: int | None = None, tolerance: float = 0.3,
+                grouping: str = "balanced", sample_index: int = 0, device: str = "cpu") -> HeadsReport:
+    """Resolve and load a model (HF folder, .gguf, pkg://), read its samples, and inspect its heads.
+
+    Text models read `data` (default builtin:sentences); image classifiers (ViT, DeiT) read images
+    (default builtin:digits, the fixed validation split of tasks/image.py) and ignore seq_len.
+    grouping = calibrated chooses each layer's groups on the first half of the samples
+    (grouping.calibrate_teacher) and measures them, and the contiguous groups, on the other half.
+    """
+    if samples < 1:
+        raise ShdError("--samples: give at least 1 sample")
+    if grouping not in GROUPINGS:
+        raise ShdError(f"--grouping: {grouping!r} is not a grouping; use {', '.join(GROUPINGS)}")
+    if tolerance < 0:
+        raise ShdError("--tolerance: give a non-negative relative error, e.g. 0.3")
+    folder = resolve_source(model_spec, "MODEL")
+    model, preprocessor, task = load_model(folder, "MODEL", backbone_ok=True)  # a masked LM: its attention
+    shape = model_shape(model.config)
+    if target_heads is not None and not 1 <= target_heads <= shape.heads:
+        raise ShdError(f"--heads-to: {target_heads} is outside 1..{shape.heads} (the model has {shape.heads} heads)")
+    batches, data, tokenizer = get_task(task).inspect_batches(folder, preprocessor, data, samples, seq_len,
+                                                              batch_size, shape.max_positions)
+    # calibrated: the first half of the samples chooses the groups, the rest is measured (with one
+    # sample, both use it: the report says so in calibration_heldout)
+    total = sum(len(next(iter(b.values()))) for b in batches)
+    calib, batches = _split_batches(batches, total // 2) if grouping == "calibrated" else ([], batches)
+    n = sum(len(next(iter(b.values()))) for b in batches)
+    if n == 0:
+        raise ShdError("--data: no samples to run the model on; give data with some text or images")
+    if not 0 <= sample_index < n:
+        raise ShdError(f"--sample: {sample_index} is outside 0..{n - 1} (the {n} samples measured)")
+    meta = {"model": model_spec, "folder": folder, "data": data, "seq_len": seq_len, "task": task,
+            "grouping": grouping}
+    target = target_heads or default_heads(shape.heads)
+    grouper, chosen = None, {}
+    if grouping == "calibrated":
+        model.eval().to(device)
+        chosen = calibrate_teacher(model, list(range(shape.layers)), calib or batches, target, device)
+        grouper = groups_per_layer_grouper(shape.heads, target, {i: c.groups for i, c in chosen.items()})
+    report = inspect_heads(model, batches, target, tolerance, grouper=grouper, grouping=grouping,
+                           sample_index=sample_index, device=device, tokenizer=tokenizer, meta=meta,
+                           compare_contiguous=grouping == "calibrated")
+    if not get_task(task).text and report.sample_maps is not None:  # images
+        report.seq_len = int(report.sample_maps.shape[-1])  # tokens per image: patches + CLS (+ distillation)
+    if chosen:
+        report.calibration_samples = sum(len(next(iter(b.values()))) for b in calib) if calib else n
+        report.calibration_heldout = bool(calib)
+        for s in report.layer_stats:
+            s.calibration = chosen[s.layer].to_dict() if s.layer in chosen else None
+    return report
+
+
+def _split_batches(batches: list[dict[str, torch.Tensor]], n_first: int) -> tuple[list[dict], list[dict]]:
+    """(first n_first samples, the rest) as batches; ([], batches) when nothing would be left to measure."""
+    total = sum(len(next(iter(b.values()))) for b in batches)
+    if not 0 < n_first < total:
+        return [], batches
+    first, rest, seen = [], [], 0
+    for b in batches:
+        size = len(next(iter(b.values())))
+        cut = min(size, max(0, n_first - seen))
+        if cut:
+            first.append({k: v[:cut] for k, v in b.items()})
+        if cut < size:
+            rest.append({k: v[cut:] for k, v in b.items()})
+        seen += size
+    return first, rest
