@@ -126,15 +126,14 @@ def inspect_heads(
     threads: Annotated[int, typer.Option(help="torch CPU threads; 0 = torch's default.")] = 0,
 ) -> None:
     """Show how alike each layer's attention heads are and what squeezing them to K heads loses."""
-    if grouping not in heads.GROUPINGS:
-        raise ShdError(f"--grouping: {grouping!r} is not a grouping; use {', '.join(heads.GROUPINGS)}")
-    if batch_size < 1 or seq_len < 2:
-        raise ShdError("--batch-size must be >= 1 and --seq-len >= 2")
+    options = heads.InspectOptions(data=data, samples=samples, seq_len=seq_len, batch_size=batch_size,
+                                   target_heads=heads_to, tolerance=tolerance, grouping=grouping,
+                                   sample_index=sample, device=_device(device))
+    options.check()
     layers = _int_list(plot_layers, "--plot-layers")
     _check_out(out)
     _threads(threads)
-    report = heads.run_inspect(model, data, samples, seq_len, batch_size, heads_to, tolerance, grouping, sample,
-                               _device(device))
+    report = heads.run_inspect(model, options)
     note = None
     files: list[Path] = []
     if out is not None:

@@ -171,7 +171,7 @@ def test_given_groups_are_used_for_the_target(tiny_models):
 
 @pytest.fixture(scope="module")
 def gpt2_report(tiny_models):
-    return heads.run_inspect(str(tiny_models["gpt2"]), samples=4, seq_len=16, batch_size=2)
+    return heads.run_inspect(str(tiny_models["gpt2"]), heads.InspectOptions(samples=4, seq_len=16, batch_size=2))
 
 
 def test_table_shows_the_json_numbers(gpt2_report):

@@ -73,8 +73,8 @@ def test_calibrated_finds_permuted_copies(tiny_models, tmp_path):
     """Layer 1's heads are copies in the order 0 1 2 0 1 2: calibrated groups pair the copies and
     squeeze them without loss; contiguous groups pair different heads and lose output."""
     folder = _permuted_copies_folder(tiny_models["bert"], tmp_path / "copies", 1, [0, 1, 2, 0, 1, 2])
-    report = heads.run_inspect(str(folder), samples=8, seq_len=16, batch_size=4, target_heads=3,
-                               grouping="calibrated")
+    report = heads.run_inspect(str(folder), heads.InspectOptions(samples=8, seq_len=16, batch_size=4, target_heads=3,
+                                                                 grouping="calibrated"))
     tied = report.layer_stats[1]
     assert [g.heads for g in tied.groups] == [[0, 3], [1, 4], [2, 5]]
     assert tied.calibration["error"] < 1e-3 and tied.calibration["contiguous_error"] > 0.05
@@ -130,7 +130,7 @@ def test_inspect_heads_on_vit(vit, tmp_path, monkeypatch, capsys):
 def test_inspect_heads_on_vit_default_digits(vit):
     """builtin:digits (10 classes) is the default and works for a 3-class model: labels are not read."""
     pytest.importorskip("sklearn")
-    report = heads.run_inspect(str(vit["teacher"]), samples=3, batch_size=3)
+    report = heads.run_inspect(str(vit["teacher"]), heads.InspectOptions(samples=3, batch_size=3))
     assert report.data == "builtin:digits" and report.samples == 3
 
 

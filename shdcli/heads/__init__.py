@@ -22,8 +22,8 @@ from shdcli.heads.measure import (
     redundancy_score,
 )
 from shdcli.heads.report import heads_table, heat_strip, table_rows, write_outputs
-from shdcli.heads.run import GROUPINGS, run_inspect, text_batches
+from shdcli.heads.run import GROUPINGS, InspectOptions, run_inspect, text_batches
 
-__all__ = ["GROUPINGS", "MODES", "HeadsReport", "default_heads", "gram_error", "groups_per_layer_grouper",
-           "heads_table", "heat_strip", "inspect_heads", "pairwise_js", "redundancy_score", "run_inspect",
-           "table_rows", "text_batches", "write_outputs"]
+__all__ = ["GROUPINGS", "MODES", "HeadsReport", "InspectOptions", "default_heads", "gram_error",
+           "groups_per_layer_grouper", "heads_table", "heat_strip", "inspect_heads", "pairwise_js",
+           "redundancy_score", "run_inspect", "table_rows", "text_batches", "write_outputs"]
