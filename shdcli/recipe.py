@@ -131,6 +131,10 @@ class DataSpec(Section):
                                   "evaluation at init and at the end scores for perplexity: fewer is faster, noisier")
 
 
+# distill.layers: {form: N} selections of student layers (mapping.layer_pairs says what each chooses)
+LAYER_SUBSETS = ("every", "last", "first")
+
+
 class DistillSpec(Section):
     # auto | last | [[student, teacher], ...] | {every: N} (the last student layer and every N-th below it)
     # | {last: N} (the last N student layers) | {first: N} (the first N; the others left free); see mapping.layer_pairs
@@ -173,7 +177,7 @@ class DistillSpec(Section):
     def _layer_subset(cls, value: Any) -> Any:
         if not isinstance(value, dict):
             return value
-        if len(value) != 1 or next(iter(value)) not in ("every", "last", "first"):
+        if len(value) != 1 or next(iter(value)) not in LAYER_SUBSETS:
             raise ValueError(f"{value!r} is not a layer selection; write {{every: N}}, {{last: N}} or {{first: N}} "
                              "(or auto, last, or a list of [student, teacher] pairs)")
         (form, n), = value.items()

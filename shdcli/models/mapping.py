@@ -12,8 +12,7 @@ from torch import nn
 from shdcli.attention.shd import group_feature_bases, group_heads
 from shdcli.errors import ShdError
 from shdcli.models.families import ModelShape, model_shape, output_projection
-
-SUBSETS = ("every", "last", "first")  # distill.layers: {form: N}
+from shdcli.recipe import LAYER_SUBSETS
 
 
 def _auto_teacher_layer(i: int, teacher_layers: int, student_layers: int) -> int:
@@ -24,7 +23,7 @@ def _subset_spec(spec) -> tuple[str, object] | None:
     """{every: N} / {last: N} / {first: N} -> (form, N); None for the other forms."""
     if not isinstance(spec, dict):
         return None
-    if len(spec) != 1 or next(iter(spec)) not in SUBSETS:
+    if len(spec) != 1 or next(iter(spec)) not in LAYER_SUBSETS:
         raise ShdError(f"distill.layers: {spec!r} is not a layer selection; write {{every: N}}, {{last: N}} or "
                        "{first: N} (or auto, last, or a list of [student, teacher] pairs)")
     return next(iter(spec.items()))
